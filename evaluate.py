@@ -1,0 +1,216 @@
+"""
+evaluate.py -- grading and measurement: answers, rewards, accuracy, pass@k, fail@k.
+
+    grade(completion, reference)          last \\boxed{} answer equivalent to the reference (Math-Verify)
+    shaped_reward(completion, reference)  the SOAR student reward 120 / 20 / 10 / 0
+    greedy_accuracy(...)                  greedy 0/1 accuracy on a question set (the teacher's reward signal)
+    pass_at_k(n, c, k)                    the unbiased estimator 1 - C(n-c, k) / C(n, k)
+    fail_at_k(...)                        success counts over k samples; zero-success problems are "hard"
+
+As a command:
+
+    # the fail@k filter: hard set split 50/50 (seeded) into DIR/train.jsonl and DIR/test.jsonl,
+    # each problem's success count in DIR/counts.jsonl (written as it goes; a rerun resumes)
+    python evaluate.py --model toy/model --data toy/hard_pool.jsonl --fail-at 128 --out DIR
+    # pass@k for k in 1,4,8,16,32 from 32 samples per problem, and greedy accuracy
+    python evaluate.py --model toy/model --data toy/hard_test.jsonl --pass-at 32
+
+Problem files are JSONL with at least `problem` and `answer` (`id` optional).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+
+import torch
+
+from generate import get_verifier, greedy, last_boxed, load_model, load_tokenizer, sample, student_prompt
+
+# -----------------------------------------------------------------------------
+# Grading
+
+
+def grade(completion, reference, verifier=None):
+    """True iff the last boxed answer of completion is equivalent to reference."""
+    ans = last_boxed(completion)
+    return ans is not None and (verifier or get_verifier()).equal(reference, ans)
+
+
+# The shaped student reward of the paper: a correct boxed answer is worth far more than
+# any formatting credit, and the formatting credit keeps early training from stalling.
+REWARD_CORRECT, REWARD_CONTAINS, REWARD_BOXED, REWARD_NONE = 120.0, 20.0, 10.0, 0.0
+
+
+def shaped_reward(completion, reference, verifier=None):
+    ans = last_boxed(completion)
+    if ans is None:
+        return REWARD_NONE
+    if (verifier or get_verifier()).equal(reference, ans):
+        return REWARD_CORRECT
+    return REWARD_CONTAINS if reference.strip() and reference.strip() in ans else REWARD_BOXED
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def load_problems(path):
+    """Records {id, problem, answer} from a JSONL file; a bad line stops with its file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"problem file does not exist: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object")
+            for key in ("problem", "answer"):
+                if not isinstance(r.get(key), (str, int, float)) or str(r.get(key)).strip() == "":
+                    raise ValueError(f"{path}:{i}: missing or empty field '{key}'")
+            out.append({"id": str(r.get("id", f"{os.path.basename(path)}:{i}")), "problem": str(r["problem"]),
+                        "answer": str(r["answer"])})
+    return out
+
+
+def write_jsonl(path, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Measurement
+
+
+def greedy_accuracy(model, tok, problems, style="math", max_new_tokens=1024, batch_size=64, return_all=False):
+    """Mean greedy 0/1 accuracy over problems ({problem, answer} dicts or (question, answer) pairs)."""
+    pairs = [(p["problem"], p["answer"]) if isinstance(p, dict) else p for p in problems]
+    comps = greedy(model, tok, [student_prompt(q, style) for q, _ in pairs], max_new_tokens, batch_size)
+    hits = [grade(c.text, a) for c, (_, a) in zip(comps, pairs)]
+    acc = sum(hits) / max(1, len(hits))
+    return (acc, hits, comps) if return_all else acc
+
+
+def success_counts(model, tok, problems, k, style="math", temperature=1.0, max_new_tokens=1024, batch_size=64,
+                   on_result=None, progress=True):
+    """For each problem, how many of k samples (student prompt, temperature) are correct."""
+    from tqdm import tqdm
+
+    counts = []
+    for p in tqdm(problems, desc=f"{k} samples/problem", disable=not progress):
+        comps = sample(model, tok, [student_prompt(p["problem"], style)], n=k, temperature=temperature,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+        c = sum(grade(x.text, p["answer"]) for x in comps)
+        counts.append(c)
+        if on_result:
+            on_result(p, c, comps)
+    return counts
+
+
+def fail_at_k(model, tok, problems, k, out_dir, style="math", temperature=1.0, max_new_tokens=1024,
+              batch_size=64, seed=0):
+    """The fail@k filter. Writes out_dir/counts.jsonl as it goes (a rerun skips problems already
+    counted), then the zero-success problems split 50/50 at random into train.jsonl / test.jsonl."""
+    os.makedirs(out_dir, exist_ok=True)
+    counts_path = os.path.join(out_dir, "counts.jsonl")
+    done = {}
+    if os.path.exists(counts_path):
+        for r in load_jsonl_loose(counts_path):
+            if r.get("samples") == k:
+                done[r["id"]] = r
+    todo = [p for p in problems if p["id"] not in done]
+    with open(counts_path, "a", encoding="utf-8") as f:
+        def record(p, c, _):
+            r = {**p, "successes": c, "samples": k}
+            done[p["id"]] = r
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+        success_counts(model, tok, todo, k, style, temperature, max_new_tokens, batch_size, on_result=record)
+    hard = [{"id": p["id"], "problem": p["problem"], "answer": p["answer"]} for p in problems
+            if done[p["id"]]["successes"] == 0]
+    random.Random(seed).shuffle(hard)
+    half = len(hard) // 2
+    write_jsonl(os.path.join(out_dir, "train.jsonl"), hard[:half])
+    write_jsonl(os.path.join(out_dir, "test.jsonl"), hard[half:])
+    return hard[:half], hard[half:], [done[p["id"]]["successes"] for p in problems]
+
+
+def load_jsonl_loose(path):
+    """Lines of a results file this tool wrote; a torn last line (killed mid-write) is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def pass_at_k_table(counts, n, ks=(1, 4, 8, 16, 32)):
+    return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / max(1, len(counts)) for k in ks if k <= n}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="local model directory or hub name")
+    ap.add_argument("--data", required=True, help="JSONL problem file")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--fail-at", type=int, metavar="K", help="run the fail@K filter and write the hard split")
+    mode.add_argument("--pass-at", type=int, metavar="N", help="pass@k from N samples per problem")
+    ap.add_argument("--out", help="output directory (required with --fail-at)")
+    ap.add_argument("--style", choices=["math", "toy"], default=None, help="prompt wording (default: toy if 'toy' in --model)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N problems (0 = all)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.fail_at is not None and not a.out:
+        ap.error("--fail-at needs --out DIR")
+    for name in ("fail_at", "pass_at"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    style = a.style or ("toy" if "toy" in a.model else "math")
+    try:
+        problems = load_problems(a.data)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    problems = problems[:a.limit] if a.limit else problems
+    torch.manual_seed(a.seed)
+    tok, model = load_tokenizer(a.model), load_model(a.model)
+    if a.fail_at is not None:
+        train, test, counts = fail_at_k(model, tok, problems, a.fail_at, a.out, style, a.temperature,
+                                        a.max_new_tokens, a.batch_size, a.seed)
+        print(json.dumps({"problems": len(problems), "hard": len(train) + len(test), "train": len(train),
+                          "test": len(test), "out": a.out}))
+    elif a.pass_at is not None:
+        counts = success_counts(model, tok, problems, a.pass_at, style, a.temperature, a.max_new_tokens, a.batch_size)
+        print(json.dumps(pass_at_k_table(counts, a.pass_at)))
+    else:
+        print(json.dumps({"greedy_accuracy": greedy_accuracy(model, tok, problems, style, a.max_new_tokens, a.batch_size)}))
+
+
+if __name__ == "__main__":
+    main()

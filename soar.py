@@ -1,0 +1,289 @@
+"""
+soar.py -- SOAR, the bi-level loop: a teacher writes problems, students learn from them,
+and the teacher is rewarded by the students' measured gain on real problems they could not solve.
+
+    python soar.py                                   # the toy world, ~10 min on 2 CPU cores
+    python soar.py --steps 2 --out runs/quick        # a smoke run
+    python soar.py --preset paper --model meta-llama/Llama-3.2-3B-Instruct \\
+        --hard-train hard/train.jsonl --hard-test hard/test.jsonl     # a GPU user's run
+    python soar.py --resume runs/soar                # continue a stopped run
+
+One outer step t (SOAR.md):
+  1. teacher sampling with rejection -> g datasets of n valid (question, answer) pairs;
+  2. Q_R: M questions drawn fresh from D_train; baseline student's greedy accuracy on it;
+  3. inner loop: for each dataset k and repeat j, a copy of the baseline student trained with
+     RLOO for S steps on X_k; R_kj = its greedy accuracy on Q_R minus the baseline's; R_k = mean_j;
+  4. promotion: if the moving average of R_hat = mean_k R_k over the last w steps exceeds tau,
+     the median student of argmax_k R_k becomes the baseline, X_k* joins PQ, S grows by 5;
+  5. teacher update: RLOO over the g datasets (A_k = R_k - mean of the others), one PG step.
+
+Choices where the paper is silent, all flags: the moving-average window restarts after a
+promotion (rewards measured against the old baseline are not comparable); with r even the
+median student is the lower median; the window must be full before a promotion.
+Baselines by flag: --reward learnability (Intrinsic-T), --no-promotion, --no-teacher-update (Base-T).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from evaluate import greedy_accuracy, load_problems
+from generate import TeacherSamplingError, load_model, load_tokenizer, sample_teacher_datasets
+from train_student import RLConfig, frozen_copy, make_optimizer
+from train_teacher import grounded_rewards, learnability_rewards, teacher_step
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Every hyperparameter, per preset. Flags override; the resolved set is saved with the run.
+PRESETS = {
+    "toy": dict(
+        model=os.path.join(HERE, "toy", "model"), style="toy",
+        hard_train=os.path.join(HERE, "toy", "hard", "train.jsonl"),
+        hard_test=os.path.join(HERE, "toy", "hard", "test.jsonl"),
+        steps=8, g=4, n=16, r=1, m=32, tau=0.01, window=3,
+        inner_steps=10, inner_steps_inc=5, inner_steps_max=20,
+        teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=200, teacher_batch=64,
+        student_lr=1e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=160,
+        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2,
+    ),
+    "paper": dict(
+        model="meta-llama/Llama-3.2-3B-Instruct", style="math", hard_train=None, hard_test=None,
+        steps=200, g=4, n=64, r=4, m=64, tau=0.01, window=3,
+        inner_steps=10, inner_steps_inc=5, inner_steps_max=20,
+        teacher_lr=1e-5, teacher_warmup=20, teacher_kl=0.001, teacher_max_new_tokens=512, teacher_batch=256,
+        student_lr=1e-5, student_kl=0.001, student_questions=8, student_group=32, student_max_new_tokens=1024,
+        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=0,
+    ),
+}
+# keys that may differ between a run and its resumption
+RESUMABLE = {"resume", "out", "steps"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    ap.add_argument("--out", help="run directory (default runs/soar-<preset>-seed<seed>)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    ap.add_argument("--seed", type=int, default=0)
+    g = ap.add_argument_group("models and data")
+    g.add_argument("--model", help="base model (teacher and student start here): local dir or hub name")
+    g.add_argument("--style", choices=["math", "toy"], help="prompt wording")
+    g.add_argument("--hard-train", help="D_train JSONL (fail@128 survivors; evaluate.py --fail-at makes it)")
+    g.add_argument("--hard-test", help="D_test JSONL (only recorded here; evaluate.py measures it)")
+    g = ap.add_argument_group("outer loop")
+    g.add_argument("--steps", type=int, help="outer steps T")
+    g.add_argument("--g", type=int, help="datasets per step (the teacher's RLOO group)")
+    g.add_argument("--n", type=int, help="question-answer pairs per dataset")
+    g.add_argument("--r", type=int, help="students trained per dataset")
+    g.add_argument("--m", type=int, help="reward questions Q_R drawn from D_train each step")
+    g.add_argument("--tau", type=float, help="promotion threshold on the moving average of R_hat")
+    g.add_argument("--window", type=int, help="moving-average window w")
+    g.add_argument("--reward", choices=["grounded", "learnability"], default="grounded",
+                   help="teacher reward: SOAR's grounded gain, or the Intrinsic-T learnability baseline")
+    g.add_argument("--no-promotion", action="store_true", help="never promote (a baseline)")
+    g.add_argument("--no-teacher-update", action="store_true", help="freeze the teacher (Base-T)")
+    g = ap.add_argument_group("inner loop (student RLOO)")
+    g.add_argument("--inner-steps", type=int, help="S, RLOO steps per inner student")
+    g.add_argument("--inner-steps-inc", type=int, help="S grows by this after each promotion")
+    g.add_argument("--inner-steps-max", type=int, help="cap on S")
+    g.add_argument("--student-lr", type=float)
+    g.add_argument("--student-kl", type=float)
+    g.add_argument("--student-questions", type=int, help="questions per RLOO step")
+    g.add_argument("--student-group", type=int, help="samples per question")
+    g.add_argument("--student-max-new-tokens", type=int)
+    g = ap.add_argument_group("teacher")
+    g.add_argument("--teacher-lr", type=float)
+    g.add_argument("--teacher-warmup", type=int)
+    g.add_argument("--teacher-kl", type=float)
+    g.add_argument("--teacher-max-new-tokens", type=int)
+    g.add_argument("--teacher-batch", type=int, help="teacher samples per generate call")
+    g.add_argument("--max-teacher-rounds", type=int, help="sampling rounds before giving up on valid pairs")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default)")
+    a = ap.parse_args(argv)
+    cfg = dict(PRESETS[a.preset])
+    cfg.update({k: v for k, v in vars(a).items() if v is not None})
+    for k, lo in [("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1), ("student_group", 2)]:
+        if cfg[k] < lo:
+            ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
+    if cfg["tau"] < 0:
+        ap.error("--tau must be >= 0")
+    if cfg["n"] < cfg["student_questions"]:
+        ap.error(f"--n ({cfg['n']}) must be >= --student-questions ({cfg['student_questions']})")
+    if not cfg["hard_train"]:
+        ap.error("--hard-train is required for this preset (make it with: python evaluate.py --fail-at 128 ...)")
+    cfg["out"] = cfg.get("out") or os.path.join("runs", f"soar-{a.preset}-seed{a.seed}")
+    return cfg
+
+
+def moving_average(xs, window):
+    xs = xs[-window:]
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def should_promote(window_rewards, window, tau):
+    """Promote when the window is full and its plain mean exceeds tau."""
+    return len(window_rewards) >= window and moving_average(window_rewards, window) > tau
+
+
+def median_index(values):
+    """Index of the median of values (the lower median when their count is even)."""
+    order = sorted(range(len(values)), key=lambda j: values[j])
+    return order[(len(values) - 1) // 2]
+
+
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    out = cfg["out"]
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    if cfg.get("resume"):
+        out = cfg["out"] = cfg["resume"]
+        ckpt_path = os.path.join(out, "checkpoint.pt")
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)
+        diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE and saved.get(k) != cfg.get(k))
+        if diff:
+            sys.exit(f"error: --resume {out}: flags differ from the run's config.json in: {', '.join(diff)}")
+    elif os.path.exists(os.path.join(out, "config.json")):
+        sys.exit(f"error: run directory {out} already holds a run; use --resume {out} or another --out")
+    try:
+        hard = load_problems(cfg["hard_train"])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: --hard-train: {e}")
+    if len(hard) < 2:
+        sys.exit(f"error: --hard-train {cfg['hard_train']}: needs at least 2 problems, has {len(hard)}")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+    seed = cfg["seed"]
+    torch.manual_seed(seed)
+    try:
+        tok = load_tokenizer(cfg["model"])
+        teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
+    except (OSError, FileNotFoundError) as e:
+        sys.exit(f"error: --model {cfg['model']}: {e}")
+    teacher_ref = frozen_copy(teacher) if cfg["teacher_kl"] > 0 else None
+    t_opt, t_sched = make_optimizer(teacher, cfg["teacher_lr"], max(1, cfg["steps"]), cfg["teacher_warmup"])
+    tcfg = RLConfig(lr=cfg["teacher_lr"], kl_coef=cfg["teacher_kl"], temperature=cfg["temperature"],
+                    max_new_tokens=cfg["teacher_max_new_tokens"], style=cfg["style"])
+    scfg = RLConfig(lr=cfg["student_lr"], kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
+                    group=cfg["student_group"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                    max_new_tokens=cfg["student_max_new_tokens"], style=cfg["style"])
+    state = dict(step=0, history=[], window=[], promotions=0, inner_steps=cfg["inner_steps"], pq=[])
+    if cfg.get("resume") and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        teacher.load_state_dict(ck["teacher"])
+        student.load_state_dict(ck["student"])
+        t_opt.load_state_dict(ck["teacher_opt"])
+        t_sched.load_state_dict(ck["teacher_sched"])
+        state = ck["state"]
+        random.setstate(ck["rng_python"])
+        torch.set_rng_state(ck["rng_torch"])
+        # logs may hold lines from after the checkpoint: cut them back to it
+        for name in ("metrics.jsonl", "teacher_samples.jsonl"):
+            p = os.path.join(out, name)
+            if os.path.exists(p):
+                keep = [line for line in open(p) if line.strip() and json.loads(line)["step"] < state["step"]]
+                open(p, "w").writelines(keep)
+        print(f"resumed {out} at step {state['step']}")
+
+    from tqdm import tqdm
+
+    metrics = open(os.path.join(out, "metrics.jsonl"), "a")
+    samples = open(os.path.join(out, "teacher_samples.jsonl"), "a")
+    bar = tqdm(range(state["step"], cfg["steps"]), desc="SOAR", initial=state["step"], total=cfg["steps"])
+    try:
+        for t in bar:
+            t0 = time.time()
+            torch.manual_seed(seed * 1_000_003 + t)  # each step reseeded: a resumed run repeats exactly
+            rng = random.Random(seed * 1_000_003 + t)
+            # 1. teacher sampling with rejection
+            datasets, st = sample_teacher_datasets(
+                teacher, tok, cfg["g"], cfg["n"], cfg["style"], cfg["temperature"], cfg["top_p"],
+                cfg["teacher_max_new_tokens"], cfg["teacher_batch"], cfg["max_teacher_rounds"],
+                reject_path=os.path.join(out, "rejected.jsonl"))
+            # 2. fresh reward questions, baseline accuracy
+            qr = rng.sample(hard, min(cfg["m"], len(hard)))
+            base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
+            # 3. inner loop: g x r students
+            results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"], state["inner_steps"],
+                                             scfg, seed=seed * 1_000_003 + t, progress=False)
+            grounded = [res.reward for res in results]
+            rewards = grounded if cfg["reward"] == "grounded" else learnability_rewards(
+                student, tok, datasets, cfg["student_group"], scfg)
+            # 4. promotion, on the grounded reward (the measured gain) whichever reward trains the teacher
+            r_hat = sum(grounded) / len(grounded)
+            state["history"].append(r_hat)
+            state["window"].append(r_hat)
+            ma = moving_average(state["window"], cfg["window"])
+            promoted = None
+            if not cfg["no_promotion"] and should_promote(state["window"], cfg["window"], cfg["tau"]):
+                j = median_index(best.repeat_rewards)
+                student.load_state_dict(best.students[j])
+                state["pq"] += [{"question": q, "answer": a, "step": t} for _, q, a in datasets[best.k]]
+                state["promotions"] += 1
+                state["inner_steps"] = min(state["inner_steps"] + cfg["inner_steps_inc"], cfg["inner_steps_max"])
+                state["window"] = []
+                promoted = dict(dataset=best.k, student=j, reward=best.repeat_rewards[j])
+            # 5. teacher update
+            upd = {}
+            if not cfg["no_teacher_update"]:
+                upd = teacher_step(teacher, t_opt, t_sched, datasets, rewards, tcfg, tok.pad_token_id, teacher_ref)
+            row = dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards, grounded_rewards=grounded,
+                       repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
+                       promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
+                       rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
+                       teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
+                       teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"))
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            for k, data in enumerate(datasets):
+                samples.write(json.dumps({"step": t, "dataset": k, "reward": rewards[k],
+                                          "pairs": [{"question": q, "answer": a} for _, q, a in data]}) + "\n")
+            samples.flush()
+            state["step"] = t + 1
+            atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(),
+                             teacher_opt=t_opt.state_dict(), teacher_sched=t_sched.state_dict(), state=state,
+                             rng_python=random.getstate(), rng_torch=torch.get_rng_state()), ckpt_path)
+            tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
+                       f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
+                       f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))
+    except TeacherSamplingError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last finished step is checkpointed in {ckpt_path}; continue with --resume {out}")
+        sys.exit(130)
+
+    save_model(student, tok, os.path.join(out, "student"))
+    save_model(teacher, tok, os.path.join(out, "teacher"))
+    with open(os.path.join(out, "pq.jsonl"), "w") as f:
+        for p in state["pq"]:
+            f.write(json.dumps(p) + "\n")
+    print(f"promoted student (PS): {os.path.join(out, 'student')}  ({state['promotions']} promotions)")
+    print(f"promotion questions (PQ): {os.path.join(out, 'pq.jsonl')}  ({len(state['pq'])} pairs)")
+    print(f"trained teacher (Grounded-T): {os.path.join(out, 'teacher')}")
+    print(f"metrics: {os.path.join(out, 'metrics.jsonl')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,487 @@
+"""
+Tests for every SOAR mechanism, against hand-computed expectations.
+
+    python -m pytest -q test_soar.py
+
+Tests on real benchmark answers read ../shared/data and are skipped when it is absent.
+"""
+import itertools
+import json
+import math
+import os
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+import evaluate
+import generate
+import soar
+import train_student
+import train_teacher
+from generate import Completion, last_boxed, parse_teacher
+from toy import task
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "data")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with the toy byte-level tokenizer, saved like a real checkpoint."""
+    from toy.build import build_model, build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    path = str(tmp_path_factory.mktemp("tiny"))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    assert build_model  # the real builder exists too
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny):
+    return generate.load_model(tiny, device="cpu"), generate.load_tokenizer(tiny)
+
+
+def toy_file(path, n, L, seed=0):
+    with open(path, "w") as f:
+        for r in task.problems(n, L, seed):
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def test_last_boxed_nested_and_missing():
+    assert last_boxed(r"so \boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert last_boxed(r"\fbox{7}") == "7"
+    assert last_boxed("no answer") is None
+    assert last_boxed(r"\boxed{\frac{1}{2}") is None  # unbalanced
+
+
+def test_parse_teacher_accepts_and_rejects():
+    ok = r"think <question>What is 1+1?</question> so <answer>\boxed{2}</answer>"
+    assert parse_teacher(ok) == ("What is 1+1?", "2")
+    # the paper's closing question tag has no slash
+    assert parse_teacher(r"<question>What is 2+2?<question><answer>\boxed{4}</answer>") == ("What is 2+2?", "4")
+    v = generate.get_verifier()
+    assert parse_teacher(ok, v) == ("What is 1+1?", "2")
+    bad = [
+        r"<question>Q?</question>",                                  # no answer tags
+        r"<answer>\boxed{2}</answer><question>Q?</question>",        # answer before question
+        r"<question>Q?</question><answer>2</answer>",                # no \boxed
+        r"<question>Q?</question><answer>\boxed{2}",                 # answer tag not closed
+        r"<question>Q?<answer>\boxed{2}</answer>",                   # question tag not closed
+        r"<question> </question><answer>\boxed{2}</answer>",         # empty question
+    ]
+    for b in bad:
+        assert parse_teacher(b) is None, b
+    # an answer Math-Verify cannot parse is rejected only when a verifier is given
+    unparseable = r"<question>Q?</question><answer>\boxed{\\}</answer>"
+    assert parse_teacher(unparseable) is not None
+    assert parse_teacher(unparseable, v) is None
+
+
+def test_prompts_follow_the_paper_formats():
+    assert generate.teacher_prompt("math").endswith("Begin now:")
+    assert "<question>[full math question]</question><answer>\\boxed{[answer]}</answer>" in generate.teacher_prompt("math")
+    p = generate.student_prompt(r"Find $\frac{a}{b}$.", "math")
+    assert p.endswith(r"User: Find $\frac{a}{b}$. Assistant:")
+    assert "The final answer is: \\boxed{[answer]}." in p
+    assert generate.student_prompt("1+2", "toy") == "User: 1+2 Assistant:"
+
+
+# ----------------------------------------------------------------------------- grading
+
+def test_shaped_reward_cases():
+    sr = evaluate.shaped_reward
+    assert sr(r"The final answer is: \boxed{0.5}.", r"\frac{1}{2}") == 120.0
+    assert sr(r"The final answer is: \boxed{17}.", "7") == 20.0      # reference inside the answer
+    assert sr(r"The final answer is: \boxed{8}.", "7") == 10.0
+    assert sr("The final answer is 7.", "7") == 0.0
+    assert evaluate.grade(r"\boxed{x^2+2x+1}", "(x+1)^2")
+    assert not evaluate.grade(r"\boxed{3}", "7")
+
+
+def test_verifier_time_bound_off_main_thread():
+    v = generate.Verifier(timeout=1.0)
+    assert v.equal("2", "2") and not v.equal("2", "3")  # warm the child
+    hostile = ["9^{9^{9^{9^{9}}}}", "100000!", "{" * 500, "1" * 100_000, "__import__('os').system('echo pwned')"]
+    results = {}
+
+    def worker():
+        for h in hostile:
+            t0 = time.time()
+            results[h] = (v.equal("7", h), time.time() - t0)
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join(60)
+    assert not th.is_alive()
+    for h, (verdict, secs) in results.items():
+        assert verdict is False, h[:40]
+        assert secs < 1.0 + 15.0, (h[:40], secs)  # bound + a child restart
+    v.close()
+
+
+def test_pass_at_k_closed_form():
+    assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
+    assert evaluate.pass_at_k(10, 0, 4) == 0.0
+    assert evaluate.pass_at_k(4, 1, 4) == 1.0
+    # against enumerating every k-subset of n samples
+    n, c = 7, 3
+    for k in range(1, n + 1):
+        subsets = list(itertools.combinations(range(n), k))
+        brute = sum(any(i < c for i in s) for s in subsets) / len(subsets)
+        assert evaluate.pass_at_k(n, c, k) == pytest.approx(brute)
+    with pytest.raises(ValueError):
+        evaluate.pass_at_k(4, 1, 8)
+
+
+def test_load_problems_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        evaluate.load_problems(str(p))
+    p.write_text('{"problem": "1+1"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing or empty field 'answer'"):
+        evaluate.load_problems(str(p))
+
+
+def test_fail_at_k_filter(tmp_path, monkeypatch):
+    probs = task.problems(10, 3, seed=1)
+    solvable = {p["id"] for p in probs[:4]}
+    calls = []
+
+    def fake_sample(model, tok, prompts, n=1, **kw):  # right only on the solvable ones, 1 in 4 samples
+        q = prompts[0].split("User: ")[1].split(" Assistant:")[0]
+        p = next(p for p in probs if p["problem"] == q)
+        calls.append(p["id"])
+        good = p["id"] in solvable
+        return [Completion(prompts[0], r"\boxed{%s}" % (p["answer"] if good and i % 4 == 0 else "x"), [], [], True)
+                for i in range(n)]
+
+    monkeypatch.setattr(evaluate, "sample", fake_sample)
+    train, test, counts = evaluate.fail_at_k(None, None, probs, 8, str(tmp_path), style="toy", seed=3)
+    assert counts == [2, 2, 2, 2, 0, 0, 0, 0, 0, 0]
+    assert len(train) == 3 and len(test) == 3
+    assert {p["id"] for p in train + test} == {p["id"] for p in probs[4:]}
+    assert len(evaluate.load_problems(str(tmp_path / "train.jsonl"))) == 3
+    # a rerun resumes from counts.jsonl without sampling again, and splits the same way
+    calls.clear()
+    train2, test2, _ = evaluate.fail_at_k(None, None, probs, 8, str(tmp_path), style="toy", seed=3)
+    assert calls == [] and train2 == train and test2 == test
+
+
+# ----------------------------------------------------------------------------- RLOO
+
+def test_rloo_advantages_hand_computed():
+    r = torch.tensor([[1.0, 2.0, 3.0, 6.0], [5.0, 5.0, 5.0, 5.0]])
+    a = train_student.rloo_advantages(r)
+    assert torch.allclose(a[0], torch.tensor([1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0]))
+    assert torch.allclose(a[1], torch.zeros(4))  # equal rewards: no signal
+    assert torch.allclose(a.sum(1), torch.zeros(2))
+    with pytest.raises(ValueError):
+        train_student.rloo_advantages(torch.tensor([[1.0]]))
+
+
+def test_loss_normaliser_is_total_completion_tokens():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    adv = torch.tensor([2.0, -1.0])
+    # by hand: -(2*(-1-2) + (-1)*(-4-5-6)) / 5 tokens = -(-6 + 15) / 5
+    assert train_student.pg_loss(logp, mask, adv, 5).item() == pytest.approx(-9 / 5)
+
+
+def test_mask_keeps_eos_and_micro_batches_agree(tiny_loaded):
+    model, tok = tiny_loaded
+    eos = tok.eos_token_id
+    assert eos == tok.pad_token_id  # the hard case: EOS is also the pad token
+    eps = [train_student.Episode([1, 2, 3], [4, 5, eos], 1.0, 0.5),
+           train_student.Episode([1, 2], [7, eos], 0.0, -0.5),
+           train_student.Episode([9, 9, 9, 9], [3], 0.0, 0.25)]
+    logp, mask = train_student.completion_logprobs(model, eps, 1.0, tok.pad_token_id)
+    assert mask.sum(1).tolist() == [3, 2, 1]
+    assert mask[0].tolist()[2:5] == [1, 1, 1] and mask[1].tolist()[1:3] == [1, 1]
+    # the gradient does not depend on micro-batching (the normaliser is the batch's token count)
+    grads = []
+    for mb in (3, 1):
+        m = __import__("copy").deepcopy(model)
+        cfg = train_student.RLConfig(kl_coef=0.0, micro_batch=mb, temperature=1.0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        train_student.policy_gradient_step(m, opt, eps, cfg, tok.pad_token_id)
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_logprobs_at_temperature_match_the_sampler(tiny_loaded):
+    model, tok = tiny_loaded
+    torch.manual_seed(0)
+    prompts = ["User: 1+2 Assistant:", "User: 3*4-5+6 Assistant:"]  # different lengths: left padding
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    T = 0.7
+    out = model.generate(**enc, do_sample=True, temperature=T, top_k=0, top_p=1.0, max_new_tokens=6,
+                         output_scores=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    scores = torch.stack(out.scores, 1)  # processed (temperature-scaled) logits the sampler drew from
+    want = torch.gather(torch.log_softmax(scores, -1), 2, new[..., None]).squeeze(-1)
+    eps = [train_student.Episode(enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist(), new[i].tolist(), 0, 0)
+           for i in range(2)]
+    logp, mask = train_student.completion_logprobs(model, eps, T, tok.pad_token_id)
+    for i in range(2):
+        got = logp[i][mask[i].bool()]
+        assert torch.allclose(got, want[i], atol=1e-4), (got, want[i])
+
+
+def test_nonfinite_update_is_skipped(tiny_loaded):
+    model, tok = tiny_loaded
+    m = __import__("copy").deepcopy(model)
+    before = [p.detach().clone() for p in m.parameters()]
+    eps = [train_student.Episode([1, 2], [3, 4], 0.0, float("nan")), train_student.Episode([1, 2], [5], 0.0, 1.0)]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    stats = train_student.policy_gradient_step(m, opt, eps, train_student.RLConfig(kl_coef=0.0), tok.pad_token_id)
+    assert stats["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+# ----------------------------------------------------------------------------- teacher reward and promotion
+
+def test_grounded_rewards_argmax_and_students(monkeypatch):
+    # accuracy after training on dataset k, repeat j (baseline 0.25)
+    table = {(0, 0): 0.25, (0, 1): 0.50, (0, 2): 0.25,
+             (1, 0): 0.75, (1, 1): 0.50, (1, 2): 1.00,
+             (2, 0): 0.00, (2, 1): 0.25, (2, 2): 0.50}
+    seen = []
+
+    def fake_train(s, tok, pairs, steps, cfg, rng=None):
+        k, j = int(pairs[0][0]), sum(1 for x in seen if x == int(pairs[0][0]))
+        seen.append(k)
+        with torch.no_grad():
+            s.weight.fill_(10 * k + j)  # tag the student
+        s.tag = (k, j)
+        return s
+
+    monkeypatch.setattr(train_teacher, "train", fake_train)
+    monkeypatch.setattr(train_teacher, "greedy_accuracy", lambda s, *a, **k: table[s.tag])
+    student = torch.nn.Linear(1, 1, bias=False)
+    datasets = [[(None, str(k), "a")] for k in range(3)]
+    res, best = train_teacher.grounded_rewards(student, None, datasets, [], 0.25, 3, 5, train_student.RLConfig())
+    assert [r.reward for r in res] == pytest.approx([0.25 / 3, 0.5, 0.0])
+    assert best.k == 1 and len(best.students) == 3
+    assert all(r.students == [] for r in res if r is not best)  # only the best dataset's students are kept
+    j = soar.median_index(best.repeat_rewards)  # R_1j = [0.5, 0.25, 0.75] -> median 0.5 at j = 0
+    assert j == 0 and best.students[j]["weight"].item() == 10.0
+    assert soar.median_index([0.1, 0.4, 0.2, 0.3]) == 2  # even r: lower median (0.2)
+    assert student.weight.item() != 10.0  # the baseline itself was never trained
+
+
+def test_promotion_window_and_threshold():
+    assert not soar.should_promote([0.5, 0.5], 3, 0.01)           # window not full yet
+    assert soar.should_promote([0.0, 0.02, 0.02], 3, 0.01)        # mean 0.0133 > 0.01
+    assert not soar.should_promote([0.0, 0.01, 0.02], 3, 0.01)    # mean 0.01 is not above
+    assert soar.should_promote([-5.0, 0.0, 0.03, 0.03], 3, 0.01)  # only the last w count
+    assert soar.moving_average([1.0, 2.0, 3.0, 4.0], 2) == 3.5
+
+
+def test_teacher_step_gives_every_completion_its_dataset_advantage(monkeypatch):
+    got = {}
+    monkeypatch.setattr(train_teacher, "policy_gradient_step", lambda m, o, eps, *a, **k: got.setdefault("eps", eps) and {})
+    c = lambda i: Completion("p", "t", [1], [i], True)  # noqa: E731
+    datasets = [[(c(1), "q", "a"), (c(2), "q", "a")], [(c(3), "q", "a"), (c(4), "q", "a")], [(c(5), "q", "a"), (c(6), "q", "a")]]
+    stats = train_teacher.teacher_step(None, None, None, datasets, [0.3, 0.0, -0.3], None, 0)
+    assert stats["advantages"] == pytest.approx([0.45, 0.0, -0.45])
+    assert [e.advantage for e in got["eps"]] == pytest.approx([0.45, 0.45, 0.0, 0.0, -0.45, -0.45])
+
+
+def test_learnability_reward_cases(monkeypatch):
+    rates = {"a": 0.0, "b": 0.25, "c": 1.0}
+
+    def fake_sample(model, tok, prompts, n=1, **kw):
+        q = prompts[0].split("User: ")[1].split(" Assistant:")[0]
+        hits = int(rates[q] * n)
+        return [Completion("", r"\boxed{1}" if i < hits else r"\boxed{2}", [], [], True) for i in range(n)]
+
+    monkeypatch.setattr(train_teacher, "sample", fake_sample)
+    cfg = train_student.RLConfig(style="toy")
+    data = [[(None, "a", "1"), (None, "b", "1"), (None, "c", "1")]]
+    # per question: s=0 -> 0, s=.25 -> .75, s=1 -> 0; mean .25
+    assert train_teacher.learnability_rewards(None, None, data, 8, cfg) == pytest.approx([0.25])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_teacher_rejection_sampling(monkeypatch):
+    texts = iter([r"junk", r"<question>1+1</question><answer>\boxed{2}</answer>"] * 50)
+
+    def fake_sample(model, tok, prompts, n=1, **kw):
+        return [Completion(prompts[0], next(texts), [0], [1, 2], True) for _ in range(n)]
+
+    monkeypatch.setattr(generate, "sample", fake_sample)
+    ds, st = generate.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4)
+    assert [len(d) for d in ds] == [3, 3] and st["rejection_rate"] == pytest.approx(0.5)
+    texts = iter(["junk"] * 100)
+    with pytest.raises(generate.TeacherSamplingError, match="0 valid of 6"):
+        generate.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4, max_rounds=3)
+
+
+def test_hf_sampling_returns_eos_terminated_ids(tiny_loaded):
+    model, tok = tiny_loaded
+    torch.manual_seed(0)
+    out = generate.sample(model, tok, ["User: 1+2 Assistant:", "Write"], n=3, max_new_tokens=8)
+    assert len(out) == 6 and out[0].prompt == out[2].prompt
+    for c in out:
+        assert len(c.ids) <= 8 and (not c.finished or c.ids[-1] == tok.eos_token_id)
+        assert c.prompt_ids == tok(c.prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_vllm_glue_with_fake_engine(tiny_loaded):
+    _, tok = tiny_loaded
+
+    class Out:
+        def __init__(self, ids, reason):
+            self.token_ids, self.text, self.finish_reason = ids, tok.decode(ids), reason
+
+    class Req:
+        def __init__(self, prompt, params):
+            self.prompt, self.prompt_token_ids = prompt, tok(prompt, add_special_tokens=False)["input_ids"]
+            self.outputs = [Out([65, 66], "stop"), Out([67] * params.max_tokens, "length")][:params.n]
+
+    class Engine:
+        def generate(self, prompts, params, use_tqdm=False):
+            self.params = params
+            return [Req(p, params) for p in prompts]
+
+    import sys
+    import types
+
+    class SP:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    sys.modules["vllm"] = types.SimpleNamespace(SamplingParams=SP, LLM=None)
+    try:
+        s = generate.VLLMSampler("unused", tok, engine=Engine())
+        out = s(["ab"], n=2, temperature=0.7, max_new_tokens=4)
+        assert s.engine.params.temperature == 0.7 and s.engine.params.max_tokens == 4
+        assert out[0].ids == [65, 66, tok.eos_token_id] and out[0].finished  # EOS restored
+        assert out[1].ids == [67] * 4 and not out[1].finished
+        assert s(["ab"], greedy=True)[0].finished and s.engine.params.temperature == 0.0
+    finally:
+        del sys.modules["vllm"]
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model path does not exist"):
+        generate.load_model(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------- toy world
+
+def test_toy_task():
+    assert task.solve("3+4*2-5") == (["3+4=7", "7*2=4", "4-5=9"], "749")
+    assert task.solve("3+") is None and task.difficulty("3+4*2") == 2
+    q = "9*9-1"
+    assert evaluate.grade(task.student_completion(q), task.solve(q)[1])
+    assert parse_teacher(task.teacher_completion(q), generate.get_verifier()) == (q, "10")
+
+
+def test_toy_tokenizer_round_trips(tiny):
+    tok = generate.load_tokenizer(tiny)
+    s = "User: 3+4 Assistant: 3+4=7 The final answer is: \\boxed{7}. é"
+    ids = tok(s, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(s.encode()) and tok.decode(ids) == s
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_soar_end_to_end(tiny, tmp_path):
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    out = tmp_path / "run"
+    args = ["--model", tiny, "--hard-train", hard, "--out", str(out), "--steps", "2", "--g", "2", "--n", "2",
+            "--r", "2", "--m", "3", "--window", "1", "--tau", "0", "--inner-steps", "1", "--student-questions", "2",
+            "--student-group", "2", "--student-max-new-tokens", "12", "--teacher-max-new-tokens", "24",
+            "--teacher-batch", "8", "--max-teacher-rounds", "1000"]
+    # a random model almost never writes a valid teacher completion: give it the answer format
+    real = generate.sample
+
+    def nudged(model, tok, prompts, n=1, **kw):
+        out = real(model, tok, prompts, n=n, **kw)
+        if prompts[0] == generate.teacher_prompt("toy"):
+            for i, c in enumerate(out[::2]):
+                c.text, c.finished = task.teacher_completion(task.make_question(2, random.Random(i))), True
+        return out
+
+    generate.sample = nudged
+    try:
+        soar.main(args)
+    finally:
+        generate.sample = real
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(len(r["rewards"]) == 2 and len(r["repeat_rewards"][0]) == 2 for r in rows)
+    assert rows[0]["rejection_rate"] > 0
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["g"] == 2 and cfg["student_lr"] == soar.PRESETS["toy"]["student_lr"]
+    for f in ["teacher_samples.jsonl", "pq.jsonl", "checkpoint.pt", "student/config.json", "teacher/config.json"]:
+        assert (out / f).exists(), f
+    assert len([line for line in open(out / "teacher_samples.jsonl")]) == 4
+    with pytest.raises(SystemExit, match="already holds a run"):
+        soar.main(args)
+
+
+def test_soar_rejects_nonsense_flags():
+    for bad in (["--g", "1"], ["--r", "0"], ["--tau", "-1"], ["--n", "4", "--student-questions", "8"]):
+        with pytest.raises(SystemExit):
+            soar.parse_args(bad)
+
+
+# ----------------------------------------------------------------------------- real benchmark answers
+
+REAL = ["math500.jsonl", "aime24.jsonl", "amc23.jsonl", "olympiadbench.jsonl"]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (real benchmark files) is not present")
+def test_real_answers_grade_against_themselves():
+    v = generate.Verifier(timeout=5.0)
+    failures, total = [], 0
+    for name in REAL:
+        for p in evaluate.load_problems(os.path.join(SHARED, name)):
+            total += 1
+            # the full Math-Verify path, not the string shortcut of Verifier.equal
+            if not v._ask("equal", p["answer"], p["answer"]):
+                failures.append((name, p["id"], p["answer"]))
+    v.close()
+    assert total == 500 + 30 + 40 + 675
+    assert not failures, f"{len(failures)} of {total} reference answers do not verify against themselves: {failures[:5]}"
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (real benchmark files) is not present")
+def test_real_answers_grade_against_rewritings():
+    probs = {p["id"]: p for p in evaluate.load_problems(os.path.join(SHARED, "math500.jsonl"))}
+    rewrites = 0
+    for p in probs.values():
+        a = p["answer"]
+        m = __import__("re").fullmatch(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", a)
+        if m:  # \frac{p}{q} -> p/q and its decimal when finite
+            num, den = int(m.group(1)), int(m.group(2))
+            assert evaluate.grade(r"\boxed{%d/%d}" % (num, den), a), a
+            if 10**6 % den == 0:
+                assert evaluate.grade(r"\boxed{%s}" % repr(num / den), a), a
+            assert not evaluate.grade(r"\boxed{%d/%d}" % (num + 1, den), a), a
+            rewrites += 1
+        elif a.isdigit():
+            assert evaluate.grade(r"\boxed{%s.0}" % a, a) and evaluate.grade(r"\boxed{ %s }" % a, a)
+            assert not evaluate.grade(r"\boxed{%d}" % (int(a) + 1), a)
+            rewrites += 1
+    assert evaluate.grade(r"\boxed{0.5}", r"\frac{1}{2}")
+    assert rewrites > 200

@@ -1,0 +1,154 @@
+"""
+Build the toy world: a byte-level tokenizer, a tiny Llama, its pretraining, and the
+hard set (found with evaluate.py's fail@k filter, not assumed).
+
+    python -m toy.build pretrain --out toy/model        # ~15 min on 2 CPU cores
+    python -m toy.build hardset --model toy/model       # fail@128 filter -> toy/hard/{train,test}.jsonl
+
+The corpus teaches two things, in the exact prompt formats of generate.py:
+  (a) solving chains in the student format, with a decaying tail of difficulty
+      P(L) ~ 0.4^L for L = 1..10 (a few long chains, so skill fades gradually);
+  (b) writing chains of every difficulty L = 1..10 (uniform) in the teacher format,
+      working between the tags. The teacher format thus "knows" long chains that the
+      student format cannot yet do: the latent skill SOAR needs.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generate import student_prompt, teacher_prompt  # noqa: E402
+from toy import task  # noqa: E402
+
+EOS = "<|endoftext|>"
+MAX_L = 10
+STUDENT_DECAY = 0.4
+
+
+def build_tokenizer():
+    """Byte-level: one token per UTF-8 byte (256) plus EOS; loads with AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab[EOS] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=EOS, pad_token=EOS)
+
+
+def build_model(vocab_size, eos_id):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return LlamaForCausalLM(cfg)
+
+
+def corpus_text(rng):
+    """One pretraining text: (prompt, completion)."""
+    if rng.random() < 0.5:
+        w = [STUDENT_DECAY ** L for L in range(1, MAX_L + 1)]
+        L = rng.choices(range(1, MAX_L + 1), weights=w)[0]
+        q = task.make_question(L, rng)
+        return student_prompt(q, "toy"), task.student_completion(q)
+    q = task.make_question(rng.randint(1, MAX_L), rng)
+    return teacher_prompt("toy"), task.teacher_completion(q)
+
+
+def batch(tok, rng, size):
+    ids, labels = [], []
+    for _ in range(size):
+        p, c = corpus_text(rng)
+        pi, ci = tok(p, add_special_tokens=False)["input_ids"], tok(c + EOS, add_special_tokens=False)["input_ids"]
+        ids.append(pi + ci)
+        labels.append([-100] * len(pi) + ci)  # learn completions, not prompts
+    T = max(map(len, ids))
+    pad = tok.pad_token_id
+    x = torch.tensor([s + [pad] * (T - len(s)) for s in ids])
+    y = torch.tensor([s + [-100] * (T - len(s)) for s in labels])
+    m = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in ids])
+    return x, y, m
+
+
+def pretrain(a):
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    rng = random.Random(a.seed)
+    tok = build_tokenizer()
+    model = build_model(len(tok), tok.eos_token_id)
+    print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    lr_at = lambda s: a.lr * min(1, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * s / a.steps))  # noqa: E731
+    t0 = time.time()
+    for step in range(a.steps):
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step)
+        x, y, m = batch(tok, rng, a.batch)
+        loss = model(input_ids=x, attention_mask=m, labels=y).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == a.steps - 1:
+            print(f"step {step:5d} loss {loss.item():.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+        if (step + 1) in a.save_at or step == a.steps - 1:
+            out = a.out if step == a.steps - 1 else f"{a.out}-step{step + 1}"
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            with open(os.path.join(out, "build.json"), "w") as f:
+                json.dump({**vars(a), "step": step + 1, "command": " ".join(sys.argv)}, f, indent=1)
+            print(f"saved {out}", flush=True)
+
+
+def hardset(a):
+    """Candidates one rung or more above the student's edge, kept only if 0/k samples solve them."""
+    import evaluate
+
+    records = []
+    for L in a.levels:
+        records += task.problems(a.per_level, L, seed=a.seed + L)
+    os.makedirs(a.out_dir, exist_ok=True)
+    pool = os.path.join(a.out_dir, "pool.jsonl")
+    with open(pool, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    evaluate.main(["--model", a.model, "--data", pool, "--fail-at", str(a.k), "--style", "toy",
+                   "--max-new-tokens", "200", "--out", a.out_dir, "--seed", str(a.seed)])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pretrain")
+    p.add_argument("--out", default="toy/model")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--save-at", type=int, nargs="*", default=[500, 750, 1000, 1250])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    h = sub.add_parser("hardset")
+    h.add_argument("--model", default="toy/model")
+    h.add_argument("--levels", type=int, nargs="+", default=[7, 8, 9, 10])
+    h.add_argument("--per-level", type=int, default=32)
+    h.add_argument("--k", type=int, default=128)
+    h.add_argument("--out-dir", default="toy/hard")
+    h.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    pretrain(a) if a.cmd == "pretrain" else hardset(a)
+
+
+if __name__ == "__main__":
+    main()

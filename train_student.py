@@ -1,0 +1,247 @@
+"""
+train_student.py -- the inner loop: a handwritten RLOO (RLVR) trainer.
+
+One step:
+  1. draw `questions` (question, reference answer) pairs, sample `group` completions
+     each at the training temperature;
+  2. score each with the shaped reward (120 / 20 / 10 / 0, evaluate.shaped_reward);
+  3. RLOO advantage: A_i = r_i - mean_{j != i} r_j within each question's group;
+  4. one optimiser step on  -sum_i A_i * log pi(y_i) / (completion tokens in the batch)
+     (+ kl_coef * k3 KL to a frozen reference), gradient clipped.
+
+Simplifications, all deliberate:
+  - exactly one optimiser step per batch of fresh samples, so the policy that sampled
+    is the policy being updated: the importance ratio is 1 and PPO-style clipping
+    would do nothing; it is left out;
+  - advantages are not divided by their std (RLOO as in the paper);
+  - no value network, no reward model: the reward is the verifier.
+
+Run alone it trains on a problem file (with real hard problems, the Hard-Only baseline):
+
+    python train_student.py --model toy/model --data toy/hard/train.jsonl --steps 30 --out runs/hard_only
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from evaluate import greedy_accuracy, load_problems, shaped_reward
+from generate import load_model, load_tokenizer, sample, student_prompt
+
+
+@dataclass
+class RLConfig:
+    lr: float = 1e-5
+    warmup: int = 0                # linear warmup steps, then cosine decay to 0 over the run
+    kl_coef: float = 0.001         # k3 KL to the frozen starting policy; 0 disables (no reference copy)
+    questions: int = 8             # questions per step
+    group: int = 32                # samples per question (the RLOO group)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    grad_clip: float = 1.0
+    micro_batch: int = 64          # sequences per forward/backward (gradient accumulation)
+    sample_batch: int = 64         # sequences per generate call
+    style: str = "math"            # prompt wording (generate.STUDENT_PROMPTS)
+
+
+@dataclass
+class Episode:
+    prompt_ids: list    # prompt tokens
+    ids: list           # completion tokens (EOS included when produced)
+    reward: float
+    advantage: float = 0.0
+
+
+def rloo_advantages(rewards):
+    """rewards: [groups, G] tensor -> A = r - (sum of the others) / (G - 1)."""
+    G = rewards.shape[-1]
+    if G < 2:
+        raise ValueError("RLOO needs at least 2 samples per group")
+    return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1)
+
+
+def completion_logprobs(model, episodes, temperature, pad_id):
+    """Per-token log-probs of each completion under model at `temperature`, with the mask.
+
+    Sequences are prompt + completion, right-padded. The mask is built from the
+    completion lengths (not from `!= pad`), so an EOS equal to the pad token stays in
+    the loss: the model must learn when to stop. Log-probs use logits / temperature,
+    the distribution the sampler drew from (top_p = 1)."""
+    seqs = [e.prompt_ids + e.ids for e in episodes]
+    T = max(map(len, seqs))
+    dev = next(model.parameters()).device
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=dev)
+    attn = torch.zeros_like(x)
+    mask = torch.zeros(len(seqs), T - 1, device=dev)
+    for i, (e, s) in enumerate(zip(episodes, seqs)):
+        x[i, :len(s)] = torch.tensor(s, device=dev)
+        attn[i, :len(s)] = 1
+        p = len(e.prompt_ids)
+        mask[i, p - 1:p - 1 + len(e.ids)] = 1  # position t predicts token t+1
+    logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float() / temperature
+    logp = torch.gather(F.log_softmax(logits, -1), 2, x[:, 1:, None]).squeeze(-1)
+    return logp, mask
+
+
+def pg_loss(logp, mask, advantages, n_tokens):
+    """-sum over completion tokens of A * log pi, divided by n_tokens (see policy_gradient_step)."""
+    return -(advantages[:, None] * logp * mask).sum() / n_tokens
+
+
+def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sched=None):
+    """One optimiser step of -A * log pi (+ k3 KL) over all episodes; returns stats.
+
+    Loss normaliser: the sum over every completion token of the batch, divided by the
+    total number of completion tokens in the batch (not per sequence, then averaged).
+    Each token counts the same, so long completions are not down-weighted per token
+    (which would favour long wrong answers), and micro-batching does not change the
+    gradient. A non-finite loss or gradient skips the update and leaves the weights as they were."""
+    model.train()
+    n_tok = sum(len(e.ids) for e in episodes)
+    opt.zero_grad(set_to_none=True)
+    tot_pg = tot_kl = 0.0
+    for s in range(0, len(episodes), cfg.micro_batch):
+        mb = episodes[s:s + cfg.micro_batch]
+        logp, mask = completion_logprobs(model, mb, cfg.temperature, pad_id)
+        adv = torch.tensor([e.advantage for e in mb], device=logp.device)
+        pg = pg_loss(logp, mask, adv, n_tok)
+        loss = pg
+        if ref_model is not None and cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref_logp, _ = completion_logprobs(ref_model, mb, cfg.temperature, pad_id)
+            d = ref_logp - logp  # k3 estimator of KL(pi || ref): e^d - d - 1 >= 0, unbiased
+            kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok
+            loss = loss + cfg.kl_coef * kl
+            tot_kl += kl.item()
+        tot_pg += pg.item()
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    skipped = not (math.isfinite(tot_pg) and math.isfinite(tot_kl) and math.isfinite(grad_norm))
+    if skipped:
+        print(f"warning: non-finite loss or gradient (pg={tot_pg}, grad_norm={grad_norm}); update skipped", file=sys.stderr)
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
+    if sched is not None:
+        sched.step()
+    return dict(pg_loss=tot_pg, kl=tot_kl, grad_norm=grad_norm, skipped=int(skipped), tokens=n_tok)
+
+
+def make_optimizer(model, lr, total_steps, warmup=0):
+    """AdamW with linear warmup then cosine decay to zero over total_steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    def f(s):
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False):
+    """Train `model` in place with RLOO on (question, answer) pairs for `steps` steps; return it.
+
+    Questions are drawn in shuffled passes over `pairs` (no repeats within a pass)."""
+    from tqdm import tqdm
+
+    rng = rng or random.Random(0)
+    ref = frozen_copy(model) if cfg.kl_coef > 0 else None
+    opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup)
+    order = []
+    for step in tqdm(range(steps), desc="student RLOO", disable=not progress, leave=False):
+        batch = []
+        while len(batch) < cfg.questions:
+            if not order:
+                order = list(range(len(pairs)))
+                rng.shuffle(order)
+            batch.append(pairs[order.pop()])
+        comps = sample(model, tok, [student_prompt(q, cfg.style) for q, _ in batch], n=cfg.group,
+                       temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                       batch_size=cfg.sample_batch)
+        rewards = torch.tensor([shaped_reward(c.text, batch[i // cfg.group][1]) for i, c in enumerate(comps)])
+        adv = rloo_advantages(rewards.view(len(batch), cfg.group)).flatten()
+        eps = [Episode(c.prompt_ids, c.ids, r.item(), a.item()) for c, r, a in zip(comps, rewards, adv)]
+        flat = rewards.view(len(batch), cfg.group)
+        stats = policy_gradient_step(model, opt, eps, cfg, tok.pad_token_id, ref, sched)
+        stats.update(step=step, reward=rewards.mean().item(), accuracy=(rewards == 120.0).float().mean().item(),
+                     zero_signal_groups=int((flat.max(1).values == flat.min(1).values).sum()), lr=sched.get_last_lr()[0])
+        if on_step:
+            on_step(stats, batch, comps)
+    return model
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="local model directory or hub name")
+    ap.add_argument("--data", required=True, help="JSONL problems to train on")
+    ap.add_argument("--eval-data", help="JSONL problems for greedy accuracy before/after (default: --data)")
+    ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    g = ap.add_argument_group("RLOO (defaults: the toy world's; the paper uses lr 1e-5, 8 x 32, 1024 tokens)")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--warmup", type=int, default=0)
+    g.add_argument("--kl-coef", type=float, default=0.001)
+    g.add_argument("--questions", type=int, default=8)
+    g.add_argument("--group", type=int, default=8)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--style", choices=["math", "toy"], default=None)
+    a = ap.parse_args(argv)
+    if a.group < 2:
+        ap.error("--group must be >= 2 for RLOO")
+    style = a.style or ("toy" if "toy" in a.model else "math")
+    cfg = RLConfig(lr=a.lr, warmup=a.warmup, kl_coef=a.kl_coef, questions=a.questions, group=a.group,
+                   temperature=a.temperature, max_new_tokens=a.max_new_tokens, style=style)
+    try:
+        probs = load_problems(a.data)
+        evals = load_problems(a.eval_data) if a.eval_data else probs
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    tok, model = load_tokenizer(a.model), load_model(a.model)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "config.json"), "w") as f:
+        json.dump({**vars(a), "rl": asdict(cfg)}, f, indent=1)
+    acc0 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
+    print(f"greedy accuracy before: {acc0:.3f}")
+    mf, sf, t0 = open(os.path.join(a.out, "metrics.jsonl"), "w"), open(os.path.join(a.out, "samples.jsonl"), "w"), time.time()
+
+    def log(stats, batch, comps):
+        mf.write(json.dumps({**stats, "seconds": time.time() - t0}) + "\n")
+        mf.flush()
+        for i, c in enumerate(comps):
+            sf.write(json.dumps({"step": stats["step"], "question": batch[i // cfg.group][0], "completion": c.text}) + "\n")
+        print(f"step {stats['step']:4d} reward {stats['reward']:6.2f} acc {stats['accuracy']:.3f} "
+              f"zero-signal groups {stats['zero_signal_groups']}/{len(batch)}")
+
+    train(model, tok, [(p["problem"], p["answer"]) for p in probs], a.steps, cfg, random.Random(a.seed), log, True)
+    acc1 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
+    print(f"greedy accuracy after: {acc1:.3f}")
+    model.save_pretrained(os.path.join(a.out, "model"))
+    tok.save_pretrained(os.path.join(a.out, "model"))
+    with open(os.path.join(a.out, "result.json"), "w") as f:
+        json.dump({"greedy_before": acc0, "greedy_after": acc1}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""
+train_teacher.py -- the outer update: grounded dataset rewards and the teacher's RLOO step.
+
+For each teacher dataset X_k (n synthetic question-answer pairs):
+
+    R_kj = Acc(theta'_kj, Q_R) - Acc(theta, Q_R)      theta'_kj: the baseline student after
+                                                       S RLOO steps on X_k (repeat j = 1..r)
+    R_k  = mean_j R_kj                                 (the grounded reward)
+
+The teacher then takes one policy-gradient step with RLOO over the g datasets:
+A_k = R_k - mean_{j != k} R_j, and every one of the n completions in X_k gets A_k.
+The update reuses train_student.policy_gradient_step, so there is one PG code path.
+
+Also here: the intrinsic "learnability" reward (a baseline of the paper), mean over
+the dataset's questions of 0 if the student's success rate s_i is 0, else 1 - s_i.
+
+Run alone it scores one teacher-sampled group of datasets and updates the teacher once:
+
+    python train_teacher.py --teacher toy/model --student toy/model --reward-data toy/hard/train.jsonl
+"""
+import argparse
+import copy
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from evaluate import grade, greedy_accuracy, load_problems
+from generate import load_model, load_tokenizer, sample, sample_teacher_datasets, student_prompt
+from train_student import Episode, RLConfig, policy_gradient_step, rloo_advantages, train
+
+
+@dataclass
+class DatasetResult:
+    k: int
+    reward: float                              # R_k
+    repeat_rewards: list                       # R_kj, j = 1..r
+    students: list = field(default_factory=list, repr=False)  # kept only while k is the best so far
+
+
+def grounded_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed=0,
+                     eval_max_new_tokens=None, progress=False):
+    """R_k for every dataset; returns (results, best) where best holds the r trained students
+    of the argmax dataset (state dicts on CPU), so promotion needs no retraining while at
+    most 2r student copies are ever held."""
+    from tqdm import tqdm
+
+    results, best = [], None
+    jobs = tqdm(total=len(datasets) * repeats, desc="inner students", disable=not progress, leave=False)
+    for k, data in enumerate(datasets):
+        pairs = [(q, a) for _, q, a in data]
+        rs, states = [], []
+        for j in range(repeats):
+            s = copy.deepcopy(student)
+            torch.manual_seed(seed * 100_003 + k * 1009 + j)
+            train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j))
+            acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+            rs.append(acc - base_acc)
+            states.append({n: t.detach().cpu().clone() for n, t in s.state_dict().items()})
+            del s
+            jobs.update()
+        res = DatasetResult(k, sum(rs) / len(rs), rs)
+        if best is None or res.reward > best.reward:
+            res.students = states
+            if best is not None:
+                best.students = []
+            best = res
+        results.append(res)
+    jobs.close()
+    return results, best
+
+
+def learnability_rewards(student, tok, datasets, group, cfg):
+    """Intrinsic-T baseline: per question r_i = 0 if s_i == 0 else 1 - s_i, s_i the student's
+    success rate over `group` samples (checked against the teacher's answer); dataset mean."""
+    out = []
+    for data in datasets:
+        per_q = []
+        for _, q, a in data:
+            comps = sample(student, tok, [student_prompt(q, cfg.style)], n=group, temperature=cfg.temperature,
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sample_batch)
+            s = sum(grade(c.text, a) for c in comps) / group
+            per_q.append(0.0 if s == 0 else 1.0 - s)
+        out.append(sum(per_q) / len(per_q))
+    return out
+
+
+def teacher_step(teacher, opt, sched, datasets, rewards, cfg, pad_id, ref_model=None):
+    """RLOO over the g datasets; each dataset's advantage goes to all of its completions."""
+    adv = rloo_advantages(torch.tensor(rewards, dtype=torch.float32)[None])[0].tolist()
+    episodes = [Episode(c.prompt_ids, c.ids, rewards[k], adv[k]) for k, data in enumerate(datasets) for c, _, _ in data]
+    stats = policy_gradient_step(teacher, opt, episodes, cfg, pad_id, ref_model, sched)
+    stats["advantages"] = adv
+    return stats
+
+
+def main(argv=None):
+    from train_student import frozen_copy, make_optimizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="teacher model directory or hub name")
+    ap.add_argument("--student", required=True, help="baseline student model directory or hub name")
+    ap.add_argument("--reward-data", required=True, help="JSONL of hard problems (Q_R is drawn from it)")
+    ap.add_argument("--style", choices=["math", "toy"], default=None)
+    ap.add_argument("--g", type=int, default=4, help="datasets per teacher step (RLOO group)")
+    ap.add_argument("--n", type=int, default=16, help="questions per dataset")
+    ap.add_argument("--r", type=int, default=1, help="students trained per dataset")
+    ap.add_argument("--inner-steps", type=int, default=10)
+    ap.add_argument("--m", type=int, default=32, help="reward questions Q_R")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--out", help="save the updated teacher here")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.g < 2:
+        ap.error("--g must be >= 2 for RLOO")
+    style = a.style or ("toy" if "toy" in a.teacher else "math")
+    try:
+        hard = load_problems(a.reward_data)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    torch.manual_seed(a.seed)
+    tok = load_tokenizer(a.teacher)
+    teacher, student = load_model(a.teacher), load_model(a.student)
+    cfg = RLConfig(lr=1e-4, questions=8, group=8, max_new_tokens=a.max_new_tokens, style=style)
+    datasets, st = sample_teacher_datasets(teacher, tok, a.g, a.n, style, max_new_tokens=a.max_new_tokens)
+    qr = random.Random(a.seed).sample(hard, min(a.m, len(hard)))
+    base = greedy_accuracy(student, tok, qr, style, a.max_new_tokens)
+    results, _ = grounded_rewards(student, tok, datasets, qr, base, a.r, a.inner_steps, cfg, a.seed, progress=True)
+    opt, sched = make_optimizer(teacher, 1e-5, 1)
+    stats = teacher_step(teacher, opt, None, datasets, [r.reward for r in results], cfg, tok.pad_token_id,
+                         frozen_copy(teacher))
+    print(json.dumps({"rejection_rate": st["rejection_rate"], "baseline_acc": base,
+                      "rewards": [r.reward for r in results], **stats}))
+    if a.out:
+        teacher.save_pretrained(a.out)
+        tok.save_pretrained(a.out)
+
+
+if __name__ == "__main__":
+    main()
