@@ -28,12 +28,12 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from evaluate import greedy_accuracy, load_problems
-from generate import TeacherSamplingError, load_model, load_tokenizer, sample_teacher_datasets
+from generate import TeacherSamplingError, get_verifier, load_model, load_tokenizer, sample_teacher_datasets
 from train_student import RLConfig, frozen_copy, make_optimizer
 from train_teacher import grounded_rewards, learnability_rewards, teacher_step
 
@@ -66,10 +66,10 @@ RESUMABLE = {"resume", "out", "steps"}
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="hyperparameter set (default: toy)")
     ap.add_argument("--out", help="run directory (default runs/soar-<preset>-seed<seed>)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, help="seed for everything (default 0)")
     g = ap.add_argument_group("models and data")
     g.add_argument("--model", help="base model (teacher and student start here): local dir or hub name")
     g.add_argument("--style", choices=["math", "toy"], help="prompt wording")
@@ -83,10 +83,10 @@ def parse_args(argv=None):
     g.add_argument("--m", type=int, help="reward questions Q_R drawn from D_train each step")
     g.add_argument("--tau", type=float, help="promotion threshold on the moving average of R_hat")
     g.add_argument("--window", type=int, help="moving-average window w")
-    g.add_argument("--reward", choices=["grounded", "learnability"], default="grounded",
-                   help="teacher reward: SOAR's grounded gain, or the Intrinsic-T learnability baseline")
-    g.add_argument("--no-promotion", action="store_true", help="never promote (a baseline)")
-    g.add_argument("--no-teacher-update", action="store_true", help="freeze the teacher (Base-T)")
+    g.add_argument("--reward", choices=["grounded", "learnability"],
+                   help="teacher reward: SOAR's grounded gain (default), or the Intrinsic-T learnability baseline")
+    g.add_argument("--no-promotion", action="store_true", default=None, help="never promote (a baseline)")
+    g.add_argument("--no-teacher-update", action="store_true", default=None, help="freeze the teacher (Base-T)")
     g = ap.add_argument_group("inner loop (student RLOO)")
     g.add_argument("--inner-steps", type=int, help="S, RLOO steps per inner student")
     g.add_argument("--inner-steps-inc", type=int, help="S grows by this after each promotion")
@@ -107,8 +107,23 @@ def parse_args(argv=None):
     g.add_argument("--top-p", type=float)
     g.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default)")
     a = ap.parse_args(argv)
-    cfg = dict(PRESETS[a.preset])
-    cfg.update({k: v for k, v in vars(a).items() if v is not None})
+    given = {k: v for k, v in vars(a).items() if v is not None}  # flags actually passed
+    if a.resume:
+        path = os.path.join(a.resume, "config.json")
+        if not os.path.isfile(path):
+            ap.error(f"--resume {a.resume}: no run there ({path} is missing)")
+        with open(path) as f:
+            cfg = json.load(f)
+        diff = sorted(k for k in given if k not in RESUMABLE and cfg.get(k) != given[k])
+        if diff:
+            ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
+                     + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
+        cfg.update(given)
+        cfg["out"] = a.resume
+        return cfg
+    cfg = dict(PRESETS[a.preset or "toy"], preset=a.preset or "toy", seed=0, reward="grounded",
+               no_promotion=False, no_teacher_update=False, resume=None)
+    cfg.update(given)
     for k, lo in [("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1), ("student_group", 2)]:
         if cfg[k] < lo:
             ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
@@ -118,7 +133,7 @@ def parse_args(argv=None):
         ap.error(f"--n ({cfg['n']}) must be >= --student-questions ({cfg['student_questions']})")
     if not cfg["hard_train"]:
         ap.error("--hard-train is required for this preset (make it with: python evaluate.py --fail-at 128 ...)")
-    cfg["out"] = cfg.get("out") or os.path.join("runs", f"soar-{a.preset}-seed{a.seed}")
+    cfg["out"] = cfg.get("out") or os.path.join("runs", f"soar-{cfg['preset']}-seed{cfg['seed']}")
     return cfg
 
 
@@ -138,6 +153,13 @@ def median_index(values):
     return order[(len(values) - 1) // 2]
 
 
+def _step_of(line):
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def atomic_save(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -153,15 +175,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     out = cfg["out"]
     ckpt_path = os.path.join(out, "checkpoint.pt")
-    if cfg.get("resume"):
-        out = cfg["out"] = cfg["resume"]
-        ckpt_path = os.path.join(out, "checkpoint.pt")
-        with open(os.path.join(out, "config.json")) as f:
-            saved = json.load(f)
-        diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUMABLE and saved.get(k) != cfg.get(k))
-        if diff:
-            sys.exit(f"error: --resume {out}: flags differ from the run's config.json in: {', '.join(diff)}")
-    elif os.path.exists(os.path.join(out, "config.json")):
+    if not cfg.get("resume") and os.path.exists(os.path.join(out, "config.json")):
         sys.exit(f"error: run directory {out} already holds a run; use --resume {out} or another --out")
     try:
         hard = load_problems(cfg["hard_train"])
@@ -171,17 +185,19 @@ def main(argv=None):
         sys.exit(f"error: --hard-train {cfg['hard_train']}: needs at least 2 problems, has {len(hard)}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
-
     seed = cfg["seed"]
     torch.manual_seed(seed)
     try:
         tok = load_tokenizer(cfg["model"])
         teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
-    except (OSError, FileNotFoundError) as e:
-        sys.exit(f"error: --model {cfg['model']}: {e}")
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --model {cfg['model']}: {str(e).splitlines()[0]}")
+    try:  # only now, with every input checked, does the run directory appear
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=1)
+    except OSError as e:
+        sys.exit(f"error: cannot write the run directory {out}: {e.strerror}")
     teacher_ref = frozen_copy(teacher) if cfg["teacher_kl"] > 0 else None
     t_opt, t_sched = make_optimizer(teacher, cfg["teacher_lr"], max(1, cfg["steps"]), cfg["teacher_warmup"])
     tcfg = RLConfig(lr=cfg["teacher_lr"], kl_coef=cfg["teacher_kl"], temperature=cfg["temperature"],
@@ -198,14 +214,15 @@ def main(argv=None):
         t_sched.load_state_dict(ck["teacher_sched"])
         state = ck["state"]
         random.setstate(ck["rng_python"])
+        np.random.set_state(ck["rng_numpy"])
         torch.set_rng_state(ck["rng_torch"])
-        # logs may hold lines from after the checkpoint: cut them back to it
+        print(f"resumed {out} at step {state['step']}")
+    if cfg.get("resume"):  # logs may hold lines (or a torn line) from after the checkpoint: cut them back
         for name in ("metrics.jsonl", "teacher_samples.jsonl"):
             p = os.path.join(out, name)
             if os.path.exists(p):
-                keep = [line for line in open(p) if line.strip() and json.loads(line)["step"] < state["step"]]
+                keep = [line for line in open(p) if _step_of(line) is not None and _step_of(line) < state["step"]]
                 open(p, "w").writelines(keep)
-        print(f"resumed {out} at step {state['step']}")
 
     from tqdm import tqdm
 
@@ -254,7 +271,10 @@ def main(argv=None):
                        promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
                        rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
                        teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
-                       teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"))
+                       teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
+                       inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
+                       inner_skipped_updates=sum(res.skipped_updates for res in results),
+                       verifier_timeouts=get_verifier().timeouts)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             for k, data in enumerate(datasets):
@@ -264,7 +284,8 @@ def main(argv=None):
             state["step"] = t + 1
             atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(),
                              teacher_opt=t_opt.state_dict(), teacher_sched=t_sched.state_dict(), state=state,
-                             rng_python=random.getstate(), rng_torch=torch.get_rng_state()), ckpt_path)
+                             rng_python=random.getstate(), rng_numpy=np.random.get_state(),
+                             rng_torch=torch.get_rng_state()), ckpt_path)
             tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
                        f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
                        f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))

@@ -263,7 +263,7 @@ def test_grounded_rewards_argmax_and_students(monkeypatch):
              (2, 0): 0.00, (2, 1): 0.25, (2, 2): 0.50}
     seen = []
 
-    def fake_train(s, tok, pairs, steps, cfg, rng=None):
+    def fake_train(s, tok, pairs, steps, cfg, rng=None, on_step=None):
         k, j = int(pairs[0][0]), sum(1 for x in seen if x == int(pairs[0][0]))
         seen.append(k)
         with torch.no_grad():
@@ -404,21 +404,24 @@ def test_toy_tokenizer_round_trips(tiny):
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_soar_end_to_end(tiny, tmp_path):
-    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
-    out = tmp_path / "run"
-    args = ["--model", tiny, "--hard-train", hard, "--out", str(out), "--steps", "2", "--g", "2", "--n", "2",
-            "--r", "2", "--m", "3", "--window", "1", "--tau", "0", "--inner-steps", "1", "--student-questions", "2",
-            "--student-group", "2", "--student-max-new-tokens", "12", "--teacher-max-new-tokens", "24",
-            "--teacher-batch", "8", "--max-teacher-rounds", "1000"]
-    # a random model almost never writes a valid teacher completion: give it the answer format
+def tiny_soar_args(model, hard, out, steps=2):
+    return ["--model", model, "--hard-train", hard, "--out", str(out), "--steps", str(steps), "--g", "2",
+            "--n", "2", "--r", "2", "--m", "3", "--window", "1", "--tau", "0", "--inner-steps", "1",
+            "--student-questions", "2", "--student-group", "2", "--student-max-new-tokens", "12",
+            "--teacher-max-new-tokens", "24", "--teacher-batch", "8", "--max-teacher-rounds", "1000"]
+
+
+def nudged_soar_main(args):
+    """soar.main with a random tiny model, which almost never writes a valid teacher completion:
+    every other teacher sample is replaced by a well-formed one (seeded, so runs repeat)."""
     real = generate.sample
 
     def nudged(model, tok, prompts, n=1, **kw):
         out = real(model, tok, prompts, n=n, **kw)
         if prompts[0] == generate.teacher_prompt("toy"):
-            for i, c in enumerate(out[::2]):
-                c.text, c.finished = task.teacher_completion(task.make_question(2, random.Random(i))), True
+            for c in out[::2]:
+                q = task.make_question(2, random.Random(torch.randint(10**6, ()).item()))
+                c.text, c.finished = task.teacher_completion(q), True
         return out
 
     generate.sample = nudged
@@ -426,6 +429,13 @@ def test_soar_end_to_end(tiny, tmp_path):
         soar.main(args)
     finally:
         generate.sample = real
+
+
+def test_soar_end_to_end(tiny, tmp_path):
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    out = tmp_path / "run"
+    args = tiny_soar_args(tiny, hard, out)
+    nudged_soar_main(args)
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1]
     assert all(len(r["rewards"]) == 2 and len(r["repeat_rewards"][0]) == 2 for r in rows)
@@ -437,6 +447,36 @@ def test_soar_end_to_end(tiny, tmp_path):
     assert len([line for line in open(out / "teacher_samples.jsonl")]) == 4
     with pytest.raises(SystemExit, match="already holds a run"):
         soar.main(args)
+    # resuming a finished run with a contradicting flag is refused, naming the key
+    with pytest.raises(SystemExit):
+        soar.parse_args(["--resume", str(out), "--g", "3"])
+    assert soar.parse_args(["--resume", str(out), "--steps", "3"])["steps"] == 3
+
+
+def test_kill_and_resume_repeats_the_run(tiny, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    run = lambda args: [sys.executable, "-c", f"import test_soar; test_soar.nudged_soar_main({args!r})"]  # noqa: E731
+    env = dict(os.environ, PYTHONPATH=HERE)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(run(tiny_soar_args(tiny, hard, full, 3)), check=True, env=env, cwd=HERE, capture_output=True)
+    p = subprocess.Popen(run(tiny_soar_args(tiny, hard, cut, 3)), env=env, cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cut / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (cut / "student").exists()  # it really died before the end
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "reward_me')  # as if killed mid-write
+    (cut / "checkpoint.pt.tmp").write_bytes(b"torn")  # as if killed while checkpointing
+    subprocess.run(run(["--resume", str(cut)]), check=True, env=env, cwd=HERE, capture_output=True)
+    a, b = (open(d / "metrics.jsonl").read().splitlines() for d in (full, cut))
+    assert len(a) == 3 and a == b
 
 
 def test_soar_rejects_nonsense_flags():

@@ -37,6 +37,8 @@ class DatasetResult:
     k: int
     reward: float                              # R_k
     repeat_rewards: list                       # R_kj, j = 1..r
+    zero_signal_groups: int = 0                # inner RLOO groups with all-equal rewards (no gradient)
+    skipped_updates: int = 0                   # inner updates skipped for a non-finite loss or gradient
     students: list = field(default_factory=list, repr=False)  # kept only while k is the best so far
 
 
@@ -51,17 +53,22 @@ def grounded_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps
     jobs = tqdm(total=len(datasets) * repeats, desc="inner students", disable=not progress, leave=False)
     for k, data in enumerate(datasets):
         pairs = [(q, a) for _, q, a in data]
-        rs, states = [], []
+        rs, states, health = [], [], {"zero_signal_groups": 0, "skipped": 0}
+
+        def count(stats, *_):
+            health["zero_signal_groups"] += stats["zero_signal_groups"]
+            health["skipped"] += stats["skipped"]
+
         for j in range(repeats):
             s = copy.deepcopy(student)
             torch.manual_seed(seed * 100_003 + k * 1009 + j)
-            train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j))
+            train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j), on_step=count)
             acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
             rs.append(acc - base_acc)
             states.append({n: t.detach().cpu().clone() for n, t in s.state_dict().items()})
             del s
             jobs.update()
-        res = DatasetResult(k, sum(rs) / len(rs), rs)
+        res = DatasetResult(k, sum(rs) / len(rs), rs, health["zero_signal_groups"], health["skipped"])
         if best is None or res.reward > best.reward:
             res.students = states
             if best is not None:

@@ -3,6 +3,7 @@ Build the toy world: a byte-level tokenizer, a tiny Llama, its pretraining, and 
 hard set (found with evaluate.py's fail@k filter, not assumed).
 
     python -m toy.build pretrain --out toy/model        # ~15 min on 2 CPU cores
+    python -m toy.build edge --model toy/model          # skill by difficulty: where the edge is
     python -m toy.build hardset --model toy/model       # fail@128 filter -> toy/hard/{train,test}.jsonl
 
 The corpus teaches two things, in the exact prompt formats of generate.py:
@@ -86,7 +87,12 @@ def pretrain(a):
     torch.set_num_threads(a.threads)
     rng = random.Random(a.seed)
     tok = build_tokenizer()
-    model = build_model(len(tok), tok.eos_token_id)
+    if a.init:  # continue pretraining from a checkpoint (a fresh optimiser and schedule)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(a.init)
+    else:
+        model = build_model(len(tok), tok.eos_token_id)
     print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
     lr_at = lambda s: a.lr * min(1, (s + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * s / a.steps))  # noqa: E731
@@ -127,6 +133,40 @@ def hardset(a):
                    "--max-new-tokens", "200", "--out", a.out_dir, "--seed", str(a.seed)])
 
 
+def edge(a):
+    """Print the student's skill by difficulty (sampled at T=1 and greedy) and the teacher
+    format's validity and answer accuracy: where the edge of learnability is."""
+    import evaluate
+    from generate import get_verifier, load_model, load_tokenizer, parse_teacher, sample
+
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    tok, model = load_tokenizer(a.model), load_model(a.model)
+    rows = []
+    for L in a.levels:
+        probs = task.problems(a.per_level, L, seed=10_000 + L)  # not the hard pool's seeds
+        counts = evaluate.success_counts(model, tok, probs, a.samples, "toy", max_new_tokens=200, batch_size=128,
+                                         progress=False)
+        g = evaluate.greedy_accuracy(model, tok, probs, "toy", max_new_tokens=200)
+        rows.append({"L": L, "sampled": sum(counts) / (a.samples * len(probs)), "greedy": g,
+                     "solved_any": sum(c > 0 for c in counts) / len(probs)})
+        print(json.dumps(rows[-1]), flush=True)
+    comps = sample(model, tok, [teacher_prompt("toy")], n=a.teacher_samples, max_new_tokens=200, batch_size=128)
+    parsed = [parse_teacher(c.text, get_verifier()) for c in comps]
+    ok = [p for p in parsed if p]
+    by_L = {}
+    for q, ans in ok:
+        L = task.difficulty(q)
+        right = L is not None and task.solve(q)[1] == ans
+        by_L.setdefault(L, []).append(right)
+    teacher = {"valid": len(ok) / len(comps),
+               "by_L": {str(L): {"share": len(v) / len(ok), "answer_right": sum(v) / len(v)} for L, v in sorted(by_L.items(), key=lambda x: (x[0] is None, x[0] or 0))}}
+    print(json.dumps({"teacher": teacher}), flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"student": rows, "teacher": teacher, "model": a.model}, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -137,6 +177,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--save-at", type=int, nargs="*", default=[500, 750, 1000, 1250])
+    p.add_argument("--init", help="continue from this checkpoint instead of a random init")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     h = sub.add_parser("hardset")
@@ -146,8 +187,17 @@ def main(argv=None):
     h.add_argument("--k", type=int, default=128)
     h.add_argument("--out-dir", default="toy/hard")
     h.add_argument("--seed", type=int, default=0)
+    e = sub.add_parser("edge")
+    e.add_argument("--model", default="toy/model")
+    e.add_argument("--levels", type=int, nargs="+", default=list(range(3, 11)))
+    e.add_argument("--per-level", type=int, default=32)
+    e.add_argument("--samples", type=int, default=16)
+    e.add_argument("--teacher-samples", type=int, default=256)
+    e.add_argument("--out", help="also write the table here (JSON)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
-    pretrain(a) if a.cmd == "pretrain" else hardset(a)
+    {"pretrain": pretrain, "hardset": hardset, "edge": edge}[a.cmd](a)
 
 
 if __name__ == "__main__":
