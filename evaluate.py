@@ -88,6 +88,37 @@ def load_problems(path):
     return out
 
 
+# Benchmarks by name, from the Hugging Face hub (only with a network; `datasets` is imported
+# only here). MATH is the 5000-problem test split, the paper's pool.
+HUB = {
+    "math": dict(repo="EleutherAI/hendrycks_math", split="test", problem="problem",
+                 configs=["algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                          "number_theory", "prealgebra", "precalculus"],
+                 answer=lambda r: last_boxed(r["solution"])),
+    "olympiadbench": dict(repo="Hothan/OlympiadBench", split="train", problem="question",
+                          configs=["OE_TO_maths_en_COMP"], answer=lambda r: ", ".join(r["final_answer"])),
+}
+NOT_ON_HUB = {
+    "harp": "HARP is released as HARP.jsonl.zip in the GitHub repository aadityasingh/HARP, not on the hub: "
+            "unzip it and pass the file (fields problem, answer)",
+}
+
+
+def load_data(spec):
+    """Problems from a JSONL path, or from the hub by benchmark name (math, olympiadbench)."""
+    if spec in NOT_ON_HUB:
+        raise ValueError(NOT_ON_HUB[spec])
+    if spec not in HUB or os.path.exists(spec):
+        return load_problems(spec)
+    from datasets import load_dataset  # optional dependency, hub path only
+
+    h, out = HUB[spec], []
+    for conf in h["configs"]:
+        for i, r in enumerate(load_dataset(h["repo"], conf, split=h["split"])):
+            out.append({"id": f"{spec}/{conf}/{i}", "problem": r[h["problem"]], "answer": h["answer"](r)})
+    return out
+
+
 def write_jsonl(path, records):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -165,6 +196,33 @@ def load_jsonl_loose(path):
     return out
 
 
+def checkpoint_step(rewards, smooth=25, slope_frac=0.15):
+    """The fresh-student checkpoint rule: smooth the training reward with a centred moving
+    average of `smooth` steps, and return the first step (after the steepest one) whose
+    slope falls below slope_frac of the maximum slope. Metrics are then averaged over the
+    steps that follow it. With no rise at all, step 0."""
+    n, h = len(rewards), smooth // 2
+    sm = [sum(rewards[max(0, i - h):i + h + 1]) / len(rewards[max(0, i - h):i + h + 1]) for i in range(n)]
+    slopes = [sm[i + 1] - sm[i] for i in range(n - 1)]
+    if not slopes or max(slopes) <= 0:
+        return 0
+    top = max(range(len(slopes)), key=slopes.__getitem__)
+    for i in range(top, len(slopes)):
+        if slopes[i] < slope_frac * slopes[top]:
+            return i
+    return n - 1
+
+
+def diversity(questions, n=3):
+    """Mean pairwise Jaccard distance between the character n-gram sets of the questions
+    (0: all identical, 1: no shared n-grams): a collapse of the teacher shows as a drop."""
+    grams = [{q[i:i + n] for i in range(max(1, len(q) - n + 1))} for q in questions]
+    pairs = [(a, b) for i, a in enumerate(grams) for b in grams[i + 1:]]
+    if not pairs:
+        return 0.0
+    return sum(1 - len(a & b) / max(1, len(a | b)) for a, b in pairs) / len(pairs)
+
+
 def pass_at_k_table(counts, n, ks=(1, 4, 8, 16, 32)):
     return {f"pass@{k}": sum(pass_at_k(n, c, k) for c in counts) / max(1, len(counts)) for k in ks if k <= n}
 
@@ -175,7 +233,7 @@ def pass_at_k_table(counts, n, ks=(1, 4, 8, 16, 32)):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local model directory or hub name")
-    ap.add_argument("--data", required=True, help="JSONL problem file")
+    ap.add_argument("--data", required=True, help="JSONL problem file, or a benchmark name: math, olympiadbench")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--fail-at", type=int, metavar="K", help="run the fail@K filter and write the hard split")
     mode.add_argument("--pass-at", type=int, metavar="N", help="pass@k from N samples per problem")
@@ -194,7 +252,7 @@ def main(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     style = a.style or ("toy" if "toy" in a.model else "math")
     try:
-        problems = load_problems(a.data)
+        problems = load_data(a.data)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     problems = problems[:a.limit] if a.limit else problems

@@ -246,6 +246,15 @@ class Completion:
     finished: bool = field(default=False)  # ended with EOS rather than the length limit
 
 
+def stop_ids(model, tok):
+    """Token ids that end a completion: the tokenizer's EOS plus the model's generation EOS ids
+    (instruct models often have several, e.g. end-of-text and end-of-turn)."""
+    ids = {tok.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen if isinstance(gen, (list, tuple)) else [gen] if gen is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512,
            batch_size=64, greedy=False, progress=False):
@@ -253,6 +262,7 @@ def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=
     from tqdm import tqdm
 
     flat = [p for p in prompts for _ in range(n)]
+    stops = stop_ids(model, tok)
     out = []
     was_training = model.training
     model.eval()
@@ -261,12 +271,13 @@ def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **kw)
+                             eos_token_id=stops, **kw)
         new = gen[:, enc["input_ids"].shape[1]:].tolist()
         for i, p in enumerate(chunk):
             ids = new[i]
-            finished = tok.eos_token_id in ids
-            ids = ids[:ids.index(tok.eos_token_id) + 1] if finished else ids
+            end = next((t for t, x in enumerate(ids) if x in stops), None)
+            finished = end is not None
+            ids = ids[:end + 1] if finished else ids  # the stop token stays: it is trained on
             pids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
             out.append(Completion(p, tok.decode(ids, skip_special_tokens=True), pids, ids, finished))
     model.train(was_training)

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from evaluate import greedy_accuracy, load_problems
+from evaluate import diversity, greedy_accuracy, load_problems
 from generate import TeacherSamplingError, get_verifier, load_model, load_tokenizer, sample_teacher_datasets
 from train_student import RLConfig, frozen_copy, make_optimizer
 from train_teacher import grounded_rewards, learnability_rewards, teacher_step
@@ -47,17 +47,17 @@ PRESETS = {
         hard_test=os.path.join(HERE, "toy", "hard", "test.jsonl"),
         steps=8, g=4, n=16, r=1, m=32, tau=0.01, window=3,
         inner_steps=10, inner_steps_inc=5, inner_steps_max=20,
-        teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=200, teacher_batch=64,
+        teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=200, sample_batch=64,
         student_lr=1e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=160,
-        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2,
+        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2, micro_batch=64,
     ),
     "paper": dict(
         model="meta-llama/Llama-3.2-3B-Instruct", style="math", hard_train=None, hard_test=None,
         steps=200, g=4, n=64, r=4, m=64, tau=0.01, window=3,
         inner_steps=10, inner_steps_inc=5, inner_steps_max=20,
-        teacher_lr=1e-5, teacher_warmup=20, teacher_kl=0.001, teacher_max_new_tokens=512, teacher_batch=256,
+        teacher_lr=1e-5, teacher_warmup=20, teacher_kl=0.001, teacher_max_new_tokens=512, sample_batch=256,
         student_lr=1e-5, student_kl=0.001, student_questions=8, student_group=32, student_max_new_tokens=1024,
-        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=0,
+        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=0, micro_batch=8,
     ),
 }
 # keys that may differ between a run and its resumption
@@ -101,10 +101,11 @@ def parse_args(argv=None):
     g.add_argument("--teacher-warmup", type=int)
     g.add_argument("--teacher-kl", type=float)
     g.add_argument("--teacher-max-new-tokens", type=int)
-    g.add_argument("--teacher-batch", type=int, help="teacher samples per generate call")
+    g.add_argument("--sample-batch", type=int, help="sequences per generate call (teacher and students)")
     g.add_argument("--max-teacher-rounds", type=int, help="sampling rounds before giving up on valid pairs")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
+    g.add_argument("--micro-batch", type=int, help="sequences per forward/backward (gradient accumulation)")
     g.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default)")
     a = ap.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None}  # flags actually passed
@@ -201,10 +202,11 @@ def main(argv=None):
     teacher_ref = frozen_copy(teacher) if cfg["teacher_kl"] > 0 else None
     t_opt, t_sched = make_optimizer(teacher, cfg["teacher_lr"], max(1, cfg["steps"]), cfg["teacher_warmup"])
     tcfg = RLConfig(lr=cfg["teacher_lr"], kl_coef=cfg["teacher_kl"], temperature=cfg["temperature"],
-                    max_new_tokens=cfg["teacher_max_new_tokens"], style=cfg["style"])
+                    max_new_tokens=cfg["teacher_max_new_tokens"], micro_batch=cfg["micro_batch"], style=cfg["style"])
     scfg = RLConfig(lr=cfg["student_lr"], kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
                     group=cfg["student_group"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                    max_new_tokens=cfg["student_max_new_tokens"], style=cfg["style"])
+                    max_new_tokens=cfg["student_max_new_tokens"], micro_batch=cfg["micro_batch"],
+                    sample_batch=cfg["sample_batch"], style=cfg["style"])
     state = dict(step=0, history=[], window=[], promotions=0, inner_steps=cfg["inner_steps"], pq=[])
     if cfg.get("resume") and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
@@ -237,7 +239,7 @@ def main(argv=None):
             # 1. teacher sampling with rejection
             datasets, st = sample_teacher_datasets(
                 teacher, tok, cfg["g"], cfg["n"], cfg["style"], cfg["temperature"], cfg["top_p"],
-                cfg["teacher_max_new_tokens"], cfg["teacher_batch"], cfg["max_teacher_rounds"],
+                cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"],
                 reject_path=os.path.join(out, "rejected.jsonl"))
             # 2. fresh reward questions, baseline accuracy
             qr = rng.sample(hard, min(cfg["m"], len(hard)))
@@ -261,11 +263,22 @@ def main(argv=None):
                 state["promotions"] += 1
                 state["inner_steps"] = min(state["inner_steps"] + cfg["inner_steps_inc"], cfg["inner_steps_max"])
                 state["window"] = []
-                promoted = dict(dataset=best.k, student=j, reward=best.repeat_rewards[j])
+                # PS is the promoted student with the best greedy accuracy on all of D_train
+                train_acc = greedy_accuracy(student, tok, hard, cfg["style"], cfg["student_max_new_tokens"])
+                promoted = dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
+                if train_acc > state.get("ps_train_acc", -1.0):
+                    state["ps_train_acc"], state["ps_step"] = train_acc, t
+                    save_model(student, tok, os.path.join(out, "ps"))
             # 5. teacher update
             upd = {}
             if not cfg["no_teacher_update"]:
                 upd = teacher_step(teacher, t_opt, t_sched, datasets, rewards, tcfg, tok.pad_token_id, teacher_ref)
+            questions = [q for data in datasets for _, q, _ in data]
+            extra = {}
+            if cfg["style"] == "toy":  # the toy world's difficulty knob, per question
+                from toy.task import difficulty
+
+                extra["difficulty"] = [difficulty(q) for q in questions]
             row = dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards, grounded_rewards=grounded,
                        repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
                        promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
@@ -274,7 +287,7 @@ def main(argv=None):
                        teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
                        inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
                        inner_skipped_updates=sum(res.skipped_updates for res in results),
-                       verifier_timeouts=get_verifier().timeouts)
+                       verifier_timeouts=get_verifier().timeouts, question_diversity=diversity(questions), **extra)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             for k, data in enumerate(datasets):
@@ -300,7 +313,10 @@ def main(argv=None):
     with open(os.path.join(out, "pq.jsonl"), "w") as f:
         for p in state["pq"]:
             f.write(json.dumps(p) + "\n")
-    print(f"promoted student (PS): {os.path.join(out, 'student')}  ({state['promotions']} promotions)")
+    print(f"final baseline student: {os.path.join(out, 'student')}  ({state['promotions']} promotions)")
+    if "ps_step" in state:
+        print(f"promoted student (PS): {os.path.join(out, 'ps')}  (from step {state['ps_step']}, "
+              f"greedy accuracy on D_train {state['ps_train_acc']:.3f})")
     print(f"promotion questions (PQ): {os.path.join(out, 'pq.jsonl')}  ({len(state['pq'])} pairs)")
     print(f"trained teacher (Grounded-T): {os.path.join(out, 'teacher')}")
     print(f"metrics: {os.path.join(out, 'metrics.jsonl')}")

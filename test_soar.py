@@ -408,7 +408,7 @@ def tiny_soar_args(model, hard, out, steps=2):
     return ["--model", model, "--hard-train", hard, "--out", str(out), "--steps", str(steps), "--g", "2",
             "--n", "2", "--r", "2", "--m", "3", "--window", "1", "--tau", "0", "--inner-steps", "1",
             "--student-questions", "2", "--student-group", "2", "--student-max-new-tokens", "12",
-            "--teacher-max-new-tokens", "24", "--teacher-batch", "8", "--max-teacher-rounds", "1000"]
+            "--teacher-max-new-tokens", "24", "--sample-batch", "8", "--max-teacher-rounds", "1000"]
 
 
 def nudged_soar_main(args):
@@ -525,3 +525,52 @@ def test_real_answers_grade_against_rewritings():
             rewrites += 1
     assert evaluate.grade(r"\boxed{0.5}", r"\frac{1}{2}")
     assert rewrites > 200
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (real benchmark files) is not present")
+def test_real_records_load():
+    sizes = {"math500.jsonl": 500, "math_test.jsonl": 5000, "olympiadbench.jsonl": 675, "aime24.jsonl": 30,
+             "amc23.jsonl": 40}
+    for name, n in sizes.items():
+        recs = evaluate.load_data(os.path.join(SHARED, name))
+        assert len(recs) == n and all(r["problem"] and r["answer"] for r in recs)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (real benchmark files) is not present")
+def test_protocol_end_to_end_on_real_problems(tiny, tmp_path):
+    import experiments.protocol as protocol
+
+    probs = evaluate.load_data(os.path.join(SHARED, "math500.jsonl"))[:4]
+    model, tok = generate.load_model(tiny, device="cpu"), generate.load_tokenizer(tiny)
+    train, test, counts = evaluate.fail_at_k(model, tok, probs, 2, str(tmp_path / "hard"), max_new_tokens=8)
+    assert counts == [0, 0, 0, 0] and len(train) == 2 and len(test) == 2  # a random model solves nothing
+    # a fake SOAR run directory with two promotion questions, then PQ on it (mixed)
+    run = tmp_path / "run"
+    run.mkdir()
+    json.dump({"model": tiny, "style": "math", "hard_train": str(tmp_path / "hard" / "train.jsonl"),
+               "hard_test": str(tmp_path / "hard" / "test.jsonl")}, open(run / "config.json", "w"))
+    (run / "pq.jsonl").write_text("".join(json.dumps({"question": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n"
+                                          for i in range(2)))
+    protocol.main(["pq", "--run", str(run), "--steps", "2", "--eval-every", "1", "--samples", "4", "--questions", "2",
+                   "--group", "2", "--max-new-tokens", "8", "--smooth", "1", "--after", "2"])
+    res = json.load(open(run / "eval-pq-mixed" / "result.json"))
+    assert res["pq_size"] == 2 and set(res) >= {"pass@1", "pass@4", "checkpoint_step"}
+    assert len(open(run / "eval-pq-mixed" / "curve.jsonl").readlines()) == 2
+
+
+def test_checkpoint_rule_on_a_hand_made_curve():
+    curve = [0.0] * 10 + [0.1 * i for i in range(1, 11)] + [1.0] * 20
+    # unsmoothed: slope 0.1 on steps 9..18 (max first at 9), 0 from 19: the first below 15% is 19
+    assert evaluate.checkpoint_step(curve, smooth=1) == 19
+    # smoothing spreads the ramp; the checkpoint moves later by about half the window, not earlier
+    assert 19 <= evaluate.checkpoint_step(curve, smooth=5) <= 22
+    assert evaluate.checkpoint_step([0.5] * 30, smooth=5) == 0  # nothing learned: step 0
+
+
+def test_diversity_and_hub_names():
+    assert evaluate.diversity(["1+2*3"] * 4) == 0.0
+    assert evaluate.diversity(["1+2*3", "9-8-7-6"]) == 1.0
+    with pytest.raises(ValueError, match="HARP"):
+        evaluate.load_data("harp")
+    with pytest.raises(FileNotFoundError):
+        evaluate.load_data("no/such/file.jsonl")

@@ -156,20 +156,24 @@ def frozen_copy(model):
 def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False):
     """Train `model` in place with RLOO on (question, answer) pairs for `steps` steps; return it.
 
-    Questions are drawn in shuffled passes over `pairs` (no repeats within a pass)."""
+    Questions are drawn in shuffled passes over `pairs` (no repeats within a pass). `pairs`
+    may also be a function of the step returning the pool to draw from (a curriculum)."""
     from tqdm import tqdm
 
     rng = rng or random.Random(0)
     ref = frozen_copy(model) if cfg.kl_coef > 0 else None
     opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup)
-    order = []
+    order, pool = [], None
     for step in tqdm(range(steps), desc="student RLOO", disable=not progress, leave=False):
+        new_pool = pairs(step) if callable(pairs) else pairs
+        if new_pool is not pool:
+            pool, order = new_pool, []
         batch = []
         while len(batch) < cfg.questions:
             if not order:
-                order = list(range(len(pairs)))
+                order = list(range(len(pool)))
                 rng.shuffle(order)
-            batch.append(pairs[order.pop()])
+            batch.append(pool[order.pop()])
         comps = sample(model, tok, [student_prompt(q, cfg.style) for q, _ in batch], n=cfg.group,
                        temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                        batch_size=cfg.sample_batch)

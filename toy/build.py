@@ -122,15 +122,18 @@ def hardset(a):
     import evaluate
 
     records = []
-    for L in a.levels:
-        records += task.problems(a.per_level, L, seed=a.seed + L)
+    per = a.per_level * len(a.levels) if len(a.per_level) == 1 else a.per_level
+    if len(per) != len(a.levels):
+        raise SystemExit("error: --per-level takes one count, or one per --levels entry")
+    for L, n in zip(a.levels, per):
+        records += task.problems(n, L, seed=a.seed + L)
     os.makedirs(a.out_dir, exist_ok=True)
     pool = os.path.join(a.out_dir, "pool.jsonl")
     with open(pool, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     evaluate.main(["--model", a.model, "--data", pool, "--fail-at", str(a.k), "--style", "toy",
-                   "--max-new-tokens", "200", "--out", a.out_dir, "--seed", str(a.seed)])
+                   "--max-new-tokens", "200", "--batch-size", "128", "--out", a.out_dir, "--seed", str(a.seed)])
 
 
 def edge(a):
@@ -182,8 +185,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     h = sub.add_parser("hardset")
     h.add_argument("--model", default="toy/model")
-    h.add_argument("--levels", type=int, nargs="+", default=[7, 8, 9, 10])
-    h.add_argument("--per-level", type=int, default=32)
+    h.add_argument("--levels", type=int, nargs="+", default=[7, 8])
+    h.add_argument("--per-level", type=int, nargs="+", default=[96, 32], help="candidates per level")
     h.add_argument("--k", type=int, default=128)
     h.add_argument("--out-dir", default="toy/hard")
     h.add_argument("--seed", type=int, default=0)

@@ -1,17 +1,21 @@
 """
 The toy task family: left-to-right chains of single-digit operations mod 10.
 
-    question   3+4*2-5          (difficulty L = number of operations)
-    working    3+4=7 7*2=4 4-5=9
-    answer     749              (every running result, concatenated)
+    question   3+4*2-5+1*3      (difficulty L = number of operations)
+    working    3+4=7 7*2=4 4-5=9 9+1=0 0*3=0
+    answer     4900             (the last 4 running results, concatenated)
 
-The answer is the whole list of running results, so a guess is right with
-probability 10^-L: at L >= 6 a fail@128 survivor is a problem the model really
-cannot do, not one it was unlucky on. Math-Verify parses the answer as one integer.
+The answer holds the last four running results, so a guess is right with probability
+10^-4 (a fail@128 survivor is a problem the model really cannot do, not an unlucky
+one), while its length stays fixed: difficulty grows with the length of the working,
+step by step, not with how many digits must be copied into the box (an all-results
+answer made the student fall off a cliff at the first length it had rarely seen).
+Math-Verify parses the answer as one integer.
 """
 import random
 
 OPS = "+-*"
+ANSWER_DIGITS = 4  # the answer is the last 4 running results
 
 
 def apply(a, op, b):
@@ -35,7 +39,7 @@ def solve(question):
         new = apply(acc, q[i], int(q[i + 1]))
         steps.append(f"{acc}{q[i]}{q[i + 1]}={new}")
         acc = new
-    return steps, "".join(s[-1] for s in steps)
+    return steps, "".join(s[-1] for s in steps[-ANSWER_DIGITS:])
 
 
 def difficulty(question):

@@ -1,0 +1,151 @@
+"""
+experiments/report.py -- the paper-style table and plots from result directories.
+
+    python experiments/report.py --root runs/toy_table
+
+Reads ROOT/<method>-seed<S>/result.json (pass@k) and ROOT/soar-seed<S>/metrics.jsonl, and writes
+    experiments/results/toy_table.md   pass@k per method, mean +- SD over seeds
+    experiments/results/toy_table.json the same numbers, per seed
+    experiments/results/*.png           teacher reward (with moving average and promotions),
+                                        pass@k curves, teacher question difficulty by promotion stage
+matplotlib is needed for the plots only (pip install matplotlib); without it only the table is written.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KS = (1, 4, 8, 16, 32)
+METHODS = [("base", "base model"), ("hard-only", "Hard-Only"), ("soar-ps", "SOAR-PS"), ("soar-pq", "SOAR-PQ"),
+           ("grounded-t", "Grounded-T"), ("base-t", "Base-T"), ("intrinsic-t", "Intrinsic-T")]
+
+
+def collect(root):
+    res = {}
+    for path in glob.glob(os.path.join(root, "*-seed*", "result.json")):
+        m = re.fullmatch(r"(.+)-seed(\d+)", os.path.basename(os.path.dirname(path)))
+        res.setdefault(m.group(1), {})[int(m.group(2))] = json.load(open(path))
+    return res
+
+
+def fmt(xs):
+    if not xs:
+        return "-"
+    mean = 100 * statistics.mean(xs)
+    sd = 100 * statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{mean:.1f} ± {sd:.1f}"
+
+
+def table(res):
+    lines = ["| method | seeds | " + " | ".join(f"pass@{k}" for k in KS) + " |",
+             "|---|---|" + "---|" * len(KS)]
+    for key, name in METHODS:
+        runs = res.get(key, {})
+        cells = [fmt([r[f"pass@{k}"] for r in runs.values() if f"pass@{k}" in r]) for k in KS]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def soar_metrics(root, prefix="soar"):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(root, f"{prefix}-seed*", "metrics.jsonl"))):
+        seed = int(re.search(r"seed(\d+)", path).group(1))
+        out[seed] = [json.loads(line) for line in open(path)]
+    return out
+
+
+def save(fig, out_dir, name):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plots(root, res, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: table only (pip install matplotlib for the plots)")
+        return []
+    made = []
+    runs = soar_metrics(root)
+    if runs:  # teacher reward, its moving average and promotions
+        fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), squeeze=False)
+        for ax, (seed, rows) in zip(axes[0], runs.items()):
+            steps = [r["step"] for r in rows]
+            ax.plot(steps, [r["reward_mean"] for r in rows], "o-", label="mean teacher reward R̂")
+            ax.plot(steps, [r["reward_ma"] for r in rows], "-", label="moving average")
+            for r in rows:
+                if r["promoted"]:
+                    ax.axvline(r["step"], color="green", ls="--", lw=1)
+            ax.axhline(0, color="gray", lw=0.5)
+            ax.set_title(f"SOAR seed {seed} (dashed: promotion)")
+            ax.set_xlabel("outer step")
+        axes[0][0].legend(fontsize=7)
+        made.append(save(fig, out_dir, "teacher_reward.png"))
+        # teacher question difficulty by promotion stage (toy world)
+        if any("difficulty" in r for rows in runs.values() for r in rows):
+            stages = {}
+            for rows in runs.values():
+                stage = 0
+                for r in rows:
+                    stages.setdefault(stage, []).extend(d for d in r.get("difficulty", []) if d is not None)
+                    stage += bool(r["promoted"])
+            fig, ax = plt.subplots(figsize=(5.5, 3.2))
+            for stage, ds in sorted(stages.items()):
+                if ds:
+                    ax.hist(ds, bins=range(1, 13), density=True, histtype="step", lw=2,
+                            label=f"after {stage} promotion(s), {len(ds)} questions")
+            ax.set_xlabel("difficulty L of the teacher's questions")
+            ax.set_ylabel("share")
+            ax.legend(fontsize=7)
+            made.append(save(fig, out_dir, "teacher_difficulty.png"))
+    if res:  # pass@k curves
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for key, name in METHODS:
+            runs_ = res.get(key, {})
+            if runs_:
+                ys = [100 * statistics.mean(r[f"pass@{k}"] for r in runs_.values()) for k in KS]
+                ax.plot(KS, ys, "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(KS, [str(k) for k in KS])
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k on the hard test split (%)")
+        ax.legend(fontsize=7)
+        made.append(save(fig, out_dir, "passk.png"))
+    return made
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.path.join("runs", "toy_table"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--name", default="toy_table")
+    a = ap.parse_args(argv)
+    res = collect(a.root)
+    if not res:
+        raise SystemExit(f"error: no */result.json under {a.root}")
+    os.makedirs(a.out, exist_ok=True)
+    t = table(res)
+    print(t)
+    soar = soar_metrics(a.root)
+    promos = {s: sum(bool(r["promoted"]) for r in rows) for s, rows in soar.items()}
+    with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
+        f.write(t + "\n\nPromotions per SOAR run (seed: count): " + json.dumps(promos) + "\n")
+    with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
+        json.dump({"results": res, "promotions": promos}, f, indent=1)
+    for p in plots(a.root, res, a.out):
+        print("wrote", p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""
+experiments/toy_table.py -- the paper's comparison on the toy world, end to end.
+
+    python experiments/toy_table.py                 # every method x 3 seeds, then the report
+    python experiments/toy_table.py --seeds 0 --dry # print the commands only
+
+For each seed: SOAR (grounded teacher, promotion), Intrinsic-T (learnability reward), then
+the protocol: base model, Hard-Only, SOAR-PS, SOAR-PQ, Grounded-T, Base-T, Intrinsic-T.
+Every command is skipped when its result already exists, so an interrupted sweep continues
+where it stopped. Results go under --root (default runs/toy_table); the report script
+turns them into experiments/results/toy_table.md and the PNG plots.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def commands(root, seed, soar_steps):
+    r = lambda *p: os.path.join(root, *p)  # noqa: E731
+    soar, intr = r(f"soar-seed{seed}"), r(f"intrinsic-seed{seed}")
+    s = str(seed)
+    return [
+        (r(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, "--steps", str(soar_steps), "--out", soar]),
+        (r(intr, "pq.jsonl"), [PY, "soar.py", "--seed", s, "--steps", str(soar_steps), "--out", intr,
+                                    "--reward", "learnability"]),
+        (r(f"base-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "passk", "--model", "toy/model",
+                                                "--seed", s, "--out", r(f"base-seed{seed}")]),
+        (r(f"hard-only-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "hard-only", "--seed", s,
+                                                     "--out", r(f"hard-only-seed{seed}")]),
+        (r(f"soar-ps-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "ps", "--run", soar, "--seed", s,
+                                                   "--out", r(f"soar-ps-seed{seed}")]),
+        (r(f"soar-pq-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "pq", "--run", soar, "--seed", s,
+                                                   "--out", r(f"soar-pq-seed{seed}")]),
+        (r(f"grounded-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher",
+                                                      r(soar, "teacher"), "--base", "toy/model", "--seed", s,
+                                                      "--out", r(f"grounded-t-seed{seed}")]),
+        (r(f"base-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher", "toy/model",
+                                                  "--seed", s, "--out", r(f"base-t-seed{seed}")]),
+        (r(f"intrinsic-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher",
+                                                       r(intr, "teacher"), "--base", "toy/model", "--seed", s,
+                                                       "--out", r(f"intrinsic-t-seed{seed}")]),
+    ]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--soar-steps", type=int, default=8)
+    ap.add_argument("--root", default=os.path.join("runs", "toy_table"))
+    ap.add_argument("--dry", action="store_true", help="print the commands only")
+    a = ap.parse_args(argv)
+    os.chdir(HERE)
+    t0 = time.time()
+    for seed in a.seeds:
+        for done, cmd in commands(a.root, seed, a.soar_steps):
+            if os.path.exists(done):
+                continue
+            run_dir = os.path.dirname(done)
+            if cmd[1] == "soar.py" and os.path.exists(os.path.join(run_dir, "config.json")):
+                cmd = [PY, "soar.py", "--resume", run_dir]  # an interrupted run continues
+            print(" ".join(cmd), flush=True)
+            if a.dry:
+                continue
+            os.makedirs(a.root, exist_ok=True)
+            log = os.path.join(a.root, os.path.basename(os.path.dirname(done)) + ".log")
+            with open(log, "w") as f:
+                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                    sys.exit(f"failed: {' '.join(cmd)} (see {log})")
+            print(f"  done, {time.time() - t0:.0f}s so far", flush=True)
+    if not a.dry:
+        subprocess.run([PY, "experiments/report.py", "--root", a.root], check=True)
+        print(f"total wall time: {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
