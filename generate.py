@@ -213,9 +213,17 @@ def get_verifier():
 # -----------------------------------------------------------------------------
 # Models
 
+def _check_local(path):
+    """A path that looks local (./x, /x, ~/x, a/b/c) must exist; 'org/name' may be a hub id."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
+    _check_local(path)
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"  # generation appends on the right
     if tok.pad_token is None:
@@ -227,9 +235,7 @@ def load_model(path, dtype=None, device=None):
     """Any causal LM by local directory or hub name. A missing local path is a clear error."""
     from transformers import AutoModelForCausalLM
 
-    looks_local = path.startswith((".", "/", "~")) or os.sep in path and not re.fullmatch(r"[\w.-]+/[\w.-]+", path)
-    if looks_local and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"model path does not exist: {path}")
+    _check_local(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 

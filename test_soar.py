@@ -574,3 +574,40 @@ def test_diversity_and_hub_names():
         evaluate.load_data("harp")
     with pytest.raises(FileNotFoundError):
         evaluate.load_data("no/such/file.jsonl")
+
+
+def test_bad_inputs_give_one_line_errors_and_no_run_dir(tiny, tmp_path):
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    base = tiny_soar_args(tiny, hard, tmp_path / "x")
+
+    def fails(args, match, out):
+        with pytest.raises(SystemExit) as e:
+            soar.main(args)
+        msg = str(e.value.code)
+        assert "\n" not in msg and __import__("re").search(match, msg), msg
+        assert not (out / "config.json").exists()
+
+    def with_(**kw):
+        args = list(base)
+        for k, v in kw.items():
+            args[args.index("--" + k.replace("_", "-")) + 1] = v
+        return args
+
+    fails(with_(model=str(tmp_path / "nope"), out=str(tmp_path / "a")), "model path does not exist", tmp_path / "a")
+    (tmp_path / "empty.jsonl").write_text("")
+    fails(with_(hard_train=str(tmp_path / "empty.jsonl"), out=str(tmp_path / "b")), "needs at least 2 problems",
+          tmp_path / "b")
+    (tmp_path / "bad.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n{oops\n')
+    fails(with_(hard_train=str(tmp_path / "bad.jsonl"), out=str(tmp_path / "c")), r"bad.jsonl:2", tmp_path / "c")
+    (tmp_path / "file").write_text("")
+    fails(with_(out=str(tmp_path / "file" / "run")), "cannot write the run directory", tmp_path / "file" / "run")
+
+
+def test_teacher_without_valid_output_stops_the_run_with_its_samples(tiny, tmp_path):
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    out = tmp_path / "run"
+    args = tiny_soar_args(tiny, hard, out)
+    args[args.index("--max-teacher-rounds") + 1] = "2"
+    with pytest.raises(SystemExit, match=r"0 valid of 4 needed .* rejected samples saved to"):
+        soar.main(args)  # a random model writes no valid teacher completion
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 16  # 2 rounds x 8 samples

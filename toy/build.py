@@ -85,6 +85,7 @@ def batch(tok, rng, size):
 def pretrain(a):
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
+    task.ANSWER_DIGITS = a.answer_digits
     rng = random.Random(a.seed)
     tok = build_tokenizer()
     if a.init:  # continue pretraining from a checkpoint (a fresh optimiser and schedule)
@@ -181,12 +182,14 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--save-at", type=int, nargs="*", default=[500, 750, 1000, 1250])
     p.add_argument("--init", help="continue from this checkpoint instead of a random init")
+    p.add_argument("--answer-digits", type=int, default=task.ANSWER_DIGITS,
+                   help="answers hold the last N running results (0: all; the first two stages used 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     h = sub.add_parser("hardset")
     h.add_argument("--model", default="toy/model")
-    h.add_argument("--levels", type=int, nargs="+", default=[7, 8])
-    h.add_argument("--per-level", type=int, nargs="+", default=[96, 32], help="candidates per level")
+    h.add_argument("--levels", type=int, nargs="+", default=[9, 10])
+    h.add_argument("--per-level", type=int, nargs="+", default=[48, 48], help="candidates per level")
     h.add_argument("--k", type=int, default=128)
     h.add_argument("--out-dir", default="toy/hard")
     h.add_argument("--seed", type=int, default=0)

@@ -15,7 +15,7 @@ Math-Verify parses the answer as one integer.
 import random
 
 OPS = "+-*"
-ANSWER_DIGITS = 4  # the answer is the last 4 running results
+ANSWER_DIGITS = 4  # the answer is the last 4 running results (0: all of them)
 
 
 def apply(a, op, b):
@@ -39,7 +39,7 @@ def solve(question):
         new = apply(acc, q[i], int(q[i + 1]))
         steps.append(f"{acc}{q[i]}{q[i + 1]}={new}")
         acc = new
-    return steps, "".join(s[-1] for s in steps[-ANSWER_DIGITS:])
+    return steps, "".join(s[-1] for s in (steps[-ANSWER_DIGITS:] if ANSWER_DIGITS else steps))
 
 
 def difficulty(question):
