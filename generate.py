@@ -95,13 +95,14 @@ _QUESTION_RE = re.compile(r"<question>(.*?)(?:</question>|<question>)", re.S)
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
-def parse_teacher(completion, verifier=None):
+def parse_teacher(completion, verifier=None, check_math=True):
     """(question, answer) from a teacher completion, or None if it is invalid.
 
     Valid iff it has opening and closing question tags (the closing one with or
     without the slash, as the paper prints it without), opening and closing
     answer tags after the question, a \\boxed{} answer inside the answer tags, and
-    a boxed answer that Math-Verify can parse (checked only if a verifier is given)."""
+    a boxed answer that Math-Verify can parse (the process-wide verifier unless one is
+    given; check_math=False skips this last check)."""
     q = _QUESTION_RE.search(completion)
     if q is None:
         return None
@@ -111,7 +112,7 @@ def parse_teacher(completion, verifier=None):
     question, answer = q.group(1).strip(), last_boxed(a.group(1))
     if not question or not answer:
         return None
-    if verifier is not None and not verifier.parses(answer):
+    if check_math and not (verifier or get_verifier()).parses(answer):
         return None
     return question, answer
 
@@ -131,6 +132,7 @@ def _verifier_child(conn):
     from math_verify import parse, verify  # imported here only
 
     logging.disable(logging.WARNING)  # it warns on every call that we bound time ourselves
+    conn.send("ready")
 
     while True:
         op, args = conn.recv()
@@ -161,6 +163,9 @@ class Verifier:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_verifier_child, args=(child,), daemon=True)
         self._proc.start()
+        # wait for its imports, so that the time bound of each call measures the call alone
+        if not self._conn.poll(120) or self._conn.recv() != "ready":
+            raise RuntimeError("the Math-Verify child process did not start")
 
     def _ask(self, op, *args):
         if any(len(a) > MAX_ANSWER_CHARS for a in args):
@@ -169,9 +174,7 @@ class Verifier:
             if self._proc is None or not self._proc.is_alive():
                 self._start()
             self._conn.send((op, args))
-            # first call also pays the child's import of math_verify
-            if self._conn.poll(self.timeout + (10.0 if not getattr(self, "_warm", False) else 0.0)):
-                self._warm = True
+            if self._conn.poll(self.timeout):
                 return self._conn.recv()
             self.timeouts += 1
             self._proc.kill()
@@ -263,10 +266,13 @@ def stop_ids(model, tok):
 
 @torch.no_grad()
 def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512,
-           batch_size=64, greedy=False, progress=False):
-    """n completions for each prompt, returned prompt-major ([p0 x n, p1 x n, ...])."""
+           batch_size=64, greedy=False, progress=False, seed=None):
+    """n completions for each prompt, returned prompt-major ([p0 x n, p1 x n, ...]).
+    With a seed the draw repeats exactly (on CPU); without, it continues torch's global RNG."""
     from tqdm import tqdm
 
+    if seed is not None:
+        torch.manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
     stops = stop_ids(model, tok)
     out = []

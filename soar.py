@@ -285,6 +285,7 @@ def main(argv=None):
                        rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
                        teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
                        teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
+                       teacher_zero_signal=int(max(rewards) == min(rewards)),  # equal R_k: no gradient
                        inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
                        inner_skipped_updates=sum(res.skipped_updates for res in results),
                        verifier_timeouts=get_verifier().timeouts, question_diversity=diversity(questions), **extra)

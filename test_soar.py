@@ -74,7 +74,7 @@ def test_parse_teacher_accepts_and_rejects():
     assert parse_teacher(ok) == ("What is 1+1?", "2")
     # the paper's closing question tag has no slash
     assert parse_teacher(r"<question>What is 2+2?<question><answer>\boxed{4}</answer>") == ("What is 2+2?", "4")
-    v = generate.get_verifier()
+    v = generate.Verifier()
     assert parse_teacher(ok, v) == ("What is 1+1?", "2")
     bad = [
         r"<question>Q?</question>",                                  # no answer tags
@@ -85,11 +85,12 @@ def test_parse_teacher_accepts_and_rejects():
         r"<question> </question><answer>\boxed{2}</answer>",         # empty question
     ]
     for b in bad:
-        assert parse_teacher(b) is None, b
-    # an answer Math-Verify cannot parse is rejected only when a verifier is given
+        assert parse_teacher(b, check_math=False) is None, b
+    # an answer Math-Verify cannot parse is rejected (unless that check is switched off)
     unparseable = r"<question>Q?</question><answer>\boxed{\\}</answer>"
-    assert parse_teacher(unparseable) is not None
-    assert parse_teacher(unparseable, v) is None
+    assert parse_teacher(unparseable, check_math=False) is not None
+    assert parse_teacher(unparseable, v) is None and parse_teacher(unparseable) is None
+    v.close()
 
 
 def test_prompts_follow_the_paper_formats():
@@ -128,9 +129,10 @@ def test_verifier_time_bound_off_main_thread():
     th.start()
     th.join(60)
     assert not th.is_alive()
+    assert v.equal("3", "3.0")  # still works after the kills
     for h, (verdict, secs) in results.items():
         assert verdict is False, h[:40]
-        assert secs < 1.0 + 15.0, (h[:40], secs)  # bound + a child restart
+        assert secs < 1.0 + 10.0, (h[:40], secs)  # the bound, plus a child restart after a kill
     v.close()
 
 
