@@ -7,7 +7,6 @@ Tests on real benchmark answers read ../shared/data and are skipped when it is a
 """
 import itertools
 import json
-import math
 import os
 import random
 import threading
