@@ -29,7 +29,8 @@ import torch
 
 from evaluate import grade, greedy_accuracy, load_problems
 from generate import load_model, load_tokenizer, sample, sample_teacher_datasets, student_prompt
-from train_student import Episode, RLConfig, policy_gradient_step, rloo_advantages, train
+from train_student import (Episode, RLConfig, frozen_copy, make_optimizer, policy_gradient_step, rloo_advantages,
+                           train)
 
 
 @dataclass
@@ -104,8 +105,6 @@ def teacher_step(teacher, opt, sched, datasets, rewards, cfg, pad_id, ref_model=
 
 
 def main(argv=None):
-    from train_student import frozen_copy, make_optimizer
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="teacher model directory or hub name")
     ap.add_argument("--student", required=True, help="baseline student model directory or hub name")
