@@ -559,6 +559,35 @@ def test_protocol_end_to_end_on_real_problems(tiny, tmp_path):
     assert len(open(run / "eval-pq-mixed" / "curve.jsonl").readlines()) == 2
 
 
+def test_report_table_and_sweep_paths(tmp_path):
+    import experiments.report as report
+    import experiments.toy_table as toy_table
+
+    root = tmp_path / "root"
+    for seed, p in ((0, 0.1), (1, 0.3)):  # mean 20.0, sample SD 14.1
+        d = root / f"soar-pq-seed{seed}"
+        d.mkdir(parents=True)
+        json.dump({f"pass@{k}": p for k in report.KS}, open(d / "result.json", "w"))
+        for prefix, div in (("soar", 0.9), ("intrinsic", 0.2)):
+            d = root / f"{prefix}-seed{seed}"
+            d.mkdir()
+            rows = [{"step": t, "reward_mean": 0.1 * t, "reward_ma": 0.1, "promoted": t == 1,
+                     "question_diversity": div, "difficulty": [4, 6, None]} for t in range(2)]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    report.main(["--root", str(root), "--out", str(out), "--name", "t"])
+    md = (out / "t.md").read_text()
+    assert "| SOAR-PQ | 2 | 20.0 ± 14.1 |" in md and "| Hard-Only | 0 | - |" in md
+    teach = json.load(open(out / "t.json"))["teachers"]
+    assert teach["learnability reward (Intrinsic-T)"]["question_diversity"] == pytest.approx(0.2)
+    assert teach["grounded reward (SOAR)"]["promotions"] == {"0": 1, "1": 1}
+    assert teach["grounded reward (SOAR)"]["mean_difficulty"] == pytest.approx(5.0)
+    # every path the sweep checks or passes lies directly under its root
+    for done, cmd in toy_table.commands("R", 3):
+        assert done.startswith(os.path.join("R", "")) and done.count("R" + os.sep) == 1
+        assert not any(c.count("R" + os.sep) > 1 for c in cmd)
+
+
 def test_checkpoint_rule_on_a_hand_made_curve():
     curve = [0.0] * 10 + [0.1 * i for i in range(1, 11)] + [1.0] * 20
     # unsmoothed: slope 0.1 on steps 9..18 (max first at 9), 0 from 19: the first below 15% is 19

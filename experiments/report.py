@@ -49,6 +49,29 @@ def table(res):
     return "\n".join(lines)
 
 
+TEACHER_RUNS = [("soar", "grounded reward (SOAR)"), ("intrinsic", "learnability reward (Intrinsic-T)")]
+
+
+def mean_difficulty(row):
+    ds = [d for d in row.get("difficulty", []) if d is not None]
+    return statistics.mean(ds) if ds else float("nan")
+
+
+def teacher_summary(root):
+    """Per teacher kind: promotions, question diversity and difficulty over its runs' outer steps."""
+    out = {}
+    for prefix, name in TEACHER_RUNS:
+        runs = soar_metrics(root, prefix)
+        rows = [r for rs in runs.values() for r in rs]
+        if rows:
+            out[name] = {"runs": len(runs), "promotions": {s: sum(bool(r["promoted"]) for r in rs)
+                                                           for s, rs in runs.items()},
+                         "question_diversity": statistics.mean(r["question_diversity"] for r in rows),
+                         "mean_difficulty": statistics.mean(mean_difficulty(r) for r in rows),
+                         "reward_mean": statistics.mean(r["reward_mean"] for r in rows)}
+    return out
+
+
 def soar_metrics(root, prefix="soar"):
     out = {}
     for path in sorted(glob.glob(os.path.join(root, f"{prefix}-seed*", "metrics.jsonl"))):
@@ -109,6 +132,21 @@ def plots(root, res, out_dir):
             ax.set_ylabel("share")
             ax.legend(fontsize=7)
             made.append(save(fig, out_dir, "teacher_difficulty.png"))
+    teachers = {name: soar_metrics(root, prefix) for prefix, name in TEACHER_RUNS}
+    if any(teachers.values()):  # grounded vs learnability teacher: diversity and difficulty per outer step
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        for (name, runs_), color in zip(teachers.items(), ("C0", "C3")):
+            for i, (seed, rows) in enumerate(sorted(runs_.items())):
+                steps = [r["step"] for r in rows]
+                label = name if i == 0 else None
+                axes[0].plot(steps, [r["question_diversity"] for r in rows], "o-", color=color, alpha=.7, label=label)
+                axes[1].plot(steps, [mean_difficulty(r) for r in rows], "o-", color=color, alpha=.7, label=label)
+        axes[0].set_ylabel("question diversity")
+        axes[1].set_ylabel("mean difficulty L of questions")
+        for ax in axes:
+            ax.set_xlabel("outer step")
+            ax.legend(fontsize=7)
+        made.append(save(fig, out_dir, "teacher_diversity.png"))
     if res:  # pass@k curves
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for key, name in METHODS:
@@ -137,12 +175,18 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     t = table(res)
     print(t)
-    soar = soar_metrics(a.root)
-    promos = {s: sum(bool(r["promoted"]) for r in rows) for s, rows in soar.items()}
+    teach = teacher_summary(a.root)
+    lines = ["", "| teacher run | runs | promotions (seed: count) | mean reward | question diversity | "
+             "mean difficulty L |", "|---|---|---|---|---|---|"]
+    for name, d in teach.items():
+        lines.append(f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
+                     f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |")
+    t += "\n".join(lines) if teach else ""
+    print("\n".join(lines) if teach else "")
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
-        f.write(t + "\n\nPromotions per SOAR run (seed: count): " + json.dumps(promos) + "\n")
+        f.write(t + "\n")
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"results": res, "promotions": promos}, f, indent=1)
+        json.dump({"results": res, "teachers": teach}, f, indent=1)
     for p in plots(a.root, res, a.out):
         print("wrote", p)
 

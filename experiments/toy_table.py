@@ -20,13 +20,14 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 
-def commands(root, seed, soar_steps):
+def commands(root, seed, soar_steps=None):
     r = lambda *p: os.path.join(root, *p)  # noqa: E731
     soar, intr = r(f"soar-seed{seed}"), r(f"intrinsic-seed{seed}")
     s = str(seed)
+    steps = ["--steps", str(soar_steps)] if soar_steps else []  # default: the toy preset's T
     return [
-        (r(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, "--steps", str(soar_steps), "--out", soar]),
-        (r(intr, "pq.jsonl"), [PY, "soar.py", "--seed", s, "--steps", str(soar_steps), "--out", intr,
+        (os.path.join(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", soar]),
+        (os.path.join(intr, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", intr,
                                     "--reward", "learnability"]),
         (r(f"base-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "passk", "--model", "toy/model",
                                                 "--seed", s, "--out", r(f"base-seed{seed}")]),
@@ -37,12 +38,12 @@ def commands(root, seed, soar_steps):
         (r(f"soar-pq-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "pq", "--run", soar, "--seed", s,
                                                    "--out", r(f"soar-pq-seed{seed}")]),
         (r(f"grounded-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher",
-                                                      r(soar, "teacher"), "--base", "toy/model", "--seed", s,
+                                                      os.path.join(soar, "teacher"), "--base", "toy/model", "--seed", s,
                                                       "--out", r(f"grounded-t-seed{seed}")]),
         (r(f"base-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher", "toy/model",
                                                   "--seed", s, "--out", r(f"base-t-seed{seed}")]),
         (r(f"intrinsic-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher",
-                                                       r(intr, "teacher"), "--base", "toy/model", "--seed", s,
+                                                       os.path.join(intr, "teacher"), "--base", "toy/model", "--seed", s,
                                                        "--out", r(f"intrinsic-t-seed{seed}")]),
     ]
 
@@ -50,7 +51,7 @@ def commands(root, seed, soar_steps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--soar-steps", type=int, default=8)
+    ap.add_argument("--soar-steps", type=int, default=None, help="outer steps T (default: the toy preset's)")
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"))
     ap.add_argument("--dry", action="store_true", help="print the commands only")
     a = ap.parse_args(argv)
