@@ -46,7 +46,31 @@ def table(res):
         runs = res.get(key, {})
         cells = [fmt([r[f"pass@{k}"] for r in runs.values() if f"pass@{k}" in r]) for k in KS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    seeds = sorted({s for runs in res.values() for s in runs})
+    lines += ["", "pass@32 per seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|" + "---|" * len(seeds)]
+    for key, name in METHODS:
+        runs = res.get(key, {})
+        cells = [f"{100 * runs[s]['pass@32']:.1f}" if s in runs and "pass@32" in runs[s] else "-" for s in seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def shared_questions(root):
+    """Per teacher method: how many of its evaluation questions equal Base-T's (same seed, same position).
+
+    The same seed drives every teacher's sampler, so a teacher that has barely moved from the base
+    model writes largely the same questions; this says how different the compared datasets really are."""
+    out = {}
+    for key in ("grounded-t", "intrinsic-t"):
+        for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "questions.jsonl"))):
+            seed = re.search(r"seed(\d+)", path).group(1)
+            base = os.path.join(root, f"base-t-seed{seed}", "questions.jsonl")
+            if os.path.exists(base):
+                qa = [json.loads(line).get("question") for line in open(path)]
+                qb = [json.loads(line).get("question") for line in open(base)]
+                out.setdefault(key, {})[seed] = [sum(x == y for x, y in zip(qa, qb)), len(qa)]
+    return out
 
 
 TEACHER_RUNS = [("soar", "grounded reward (SOAR)"), ("intrinsic", "learnability reward (Intrinsic-T)")]
@@ -176,17 +200,21 @@ def main(argv=None):
     t = table(res)
     print(t)
     teach = teacher_summary(a.root)
-    lines = ["", "| teacher run | runs | promotions (seed: count) | mean reward | question diversity | "
+    lines = ["", "", "| teacher run | runs | promotions (seed: count) | mean grounded R̂ | question diversity | "
              "mean difficulty L |", "|---|---|---|---|---|---|"]
     for name, d in teach.items():
         lines.append(f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
                      f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |")
-    t += "\n".join(lines) if teach else ""
-    print("\n".join(lines) if teach else "")
+    shared = shared_questions(a.root)
+    for key, per_seed in shared.items():
+        lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
+                     + json.dumps(per_seed))
+    t += "\n".join(lines) if teach or shared else ""
+    print("\n".join(lines))
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(t + "\n")
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"results": res, "teachers": teach}, f, indent=1)
+        json.dump({"results": res, "teachers": teach, "shared_with_base_t": shared}, f, indent=1)
     for p in plots(a.root, res, a.out):
         print("wrote", p)
 
