@@ -1,7 +1,8 @@
 """
 experiments/toy_table.py -- the paper's comparison on the toy world, end to end.
 
-    python experiments/toy_table.py                 # every method x 3 seeds, then the report
+    python experiments/toy_table.py                 # every method x 3 seeds, then the report (~2 h 10 min, 2 cores)
+    python experiments/toy_table.py --seeds 0       # one seed (~42 min)
     python experiments/toy_table.py --seeds 0 --dry # print the commands only
 
 For each seed: SOAR (grounded teacher, promotion), Intrinsic-T (learnability reward), then
