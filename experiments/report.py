@@ -96,6 +96,20 @@ def teacher_summary(root):
     return out
 
 
+def teacher_lines(teach, shared):
+    """The teacher summary table and the question overlap, as markdown (empty when there is neither)."""
+    lines = []
+    if teach:
+        lines += ["", "", "| teacher run | runs | promotions (seed: count) | mean grounded R̂ | question diversity | "
+                  "mean difficulty L |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
+                  f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |" for name, d in teach.items()]
+    for key, per_seed in shared.items():
+        lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
+                     + json.dumps(per_seed))
+    return "\n".join(lines)
+
+
 def soar_metrics(root, prefix="soar"):
     out = {}
     for path in sorted(glob.glob(os.path.join(root, f"{prefix}-seed*", "metrics.jsonl"))):
@@ -199,18 +213,10 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     t = table(res)
     print(t)
-    teach = teacher_summary(a.root)
-    lines = ["", "", "| teacher run | runs | promotions (seed: count) | mean grounded R̂ | question diversity | "
-             "mean difficulty L |", "|---|---|---|---|---|---|"]
-    for name, d in teach.items():
-        lines.append(f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
-                     f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |")
-    shared = shared_questions(a.root)
-    for key, per_seed in shared.items():
-        lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
-                     + json.dumps(per_seed))
-    t += "\n".join(lines) if teach or shared else ""
-    print("\n".join(lines))
+    teach, shared = teacher_summary(a.root), shared_questions(a.root)
+    extra = teacher_lines(teach, shared)
+    print(extra)
+    t += extra
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(t + "\n")
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
