@@ -23,13 +23,16 @@ cache but no paged attention; seeds are set once per call so a CPU run repeats.
 import argparse
 import functools
 import json
-import multiprocessing as mp
 import os
 import re
+import select
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
 # Prompts. Tags and the closing phrase are fixed by the paper; a task preset may
@@ -126,61 +129,88 @@ def parse_teacher(completion, verifier=None, check_math=True):
 MAX_ANSWER_CHARS = 1000  # longer "answers" are judged unequal without parsing
 
 
-def _verifier_child(conn):
-    import logging
-
-    from math_verify import parse, verify  # imported here only
-
-    logging.disable(logging.WARNING)  # it warns on every call that we bound time ourselves
-    conn.send("ready")
-
-    while True:
-        op, args = conn.recv()
-        try:
-            if op == "parses":
-                # parsed means a symbolic result, not only the raw-string fallback
-                out = any(not isinstance(x, str) for x in parse("\\boxed{%s}" % args[0], parsing_timeout=None))
-            else:
-                gold = parse("\\boxed{%s}" % args[0], parsing_timeout=None)
-                pred = parse("\\boxed{%s}" % args[1], parsing_timeout=None)
-                out = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
-        except Exception:  # any failure to parse or compare is "no"
-            out = False
-        conn.send(bool(out))
+# The child is a fresh `python -c` interpreter, not a multiprocessing child: it never re-imports
+# the caller's main script, so `grade` works from any script (guarded by `if __name__ ==
+# "__main__":` or not), a notebook or a worker process. It speaks one JSON line per request.
+_CHILD = r"""
+import json, logging, sys
+from math_verify import parse, verify
+logging.disable(logging.WARNING)  # it warns on every call that we bound time ourselves
+print('"ready"', flush=True)
+for line in sys.stdin:
+    op, args = json.loads(line)
+    try:
+        if op == "parses":  # parsed means a symbolic result, not only the raw-string fallback
+            out = any(not isinstance(x, str) for x in parse("\\boxed{%s}" % args[0], parsing_timeout=None))
+        else:
+            gold = parse("\\boxed{%s}" % args[0], parsing_timeout=None)
+            pred = parse("\\boxed{%s}" % args[1], parsing_timeout=None)
+            out = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
+    except Exception:  # any failure to parse or compare is "no"
+        out = False
+    print(json.dumps(bool(out)), flush=True)
+"""
 
 
 class Verifier:
     """parses(answer) and equal(reference, answer), each bounded by `timeout` seconds
     from any thread; a timeout returns False and is counted in .timeouts."""
 
-    def __init__(self, timeout=2.0):
-        self.timeout, self.timeouts = timeout, 0
+    def __init__(self, timeout=2.0, start_timeout=120.0):
+        self.timeout, self.start_timeout, self.timeouts = timeout, start_timeout, 0
         self._lock = threading.Lock()
-        self._proc = self._conn = None
+        self._proc = None
+
+    def _read(self, timeout):
+        """The child's next reply, or None after `timeout` seconds; EOFError if it died."""
+        if not select.select([self._proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise EOFError
+        return json.loads(line)
 
     def _start(self):
-        ctx = mp.get_context("spawn")  # no fork: safe with torch threads
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_verifier_child, args=(child,), daemon=True)
-        self._proc.start()
+        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         # wait for its imports, so that the time bound of each call measures the call alone
-        if not self._conn.poll(120) or self._conn.recv() != "ready":
-            raise RuntimeError("the Math-Verify child process did not start")
+        try:
+            ready = self._read(self.start_timeout)
+        except EOFError:  # it died while starting: say why, at once
+            err = self._proc.stderr.read().strip().splitlines()
+            self._kill()
+            raise RuntimeError("the Math-Verify child process died while starting: "
+                               + (err[-1] if err else "no message")) from None
+        if ready != "ready":
+            self._kill()
+            raise RuntimeError(f"the Math-Verify child process did not start within {self.start_timeout:.0f} s")
+
+    def _kill(self):
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+                f.close()
+            self._proc = None
 
     def _ask(self, op, *args):
         if any(len(a) > MAX_ANSWER_CHARS for a in args):
             return False
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
+            if self._proc is None or self._proc.poll() is not None:
+                self._kill()
                 self._start()
-            self._conn.send((op, args))
-            if self._conn.poll(self.timeout):
-                return self._conn.recv()
-            self.timeouts += 1
-            self._proc.kill()
-            self._proc.join()
-            self._proc = None
-            return False
+            try:
+                self._proc.stdin.write(json.dumps([op, args]) + "\n")
+                self._proc.stdin.flush()
+                out = self._read(self.timeout)
+            except (EOFError, BrokenPipeError):  # it died on this input (e.g. out of memory): "no"
+                out = None
+            if out is None:
+                self.timeouts += 1
+                self._kill()
+                return False
+            return out
 
     @functools.lru_cache(maxsize=100_000)
     def parses(self, answer):
@@ -193,9 +223,8 @@ class Verifier:
         return self._ask("equal", reference, answer)
 
     def close(self):
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc = None
+        with self._lock:
+            self._kill()
 
 
 def _norm(s):
@@ -253,6 +282,7 @@ class Completion:
     prompt_ids: list         # token ids of the prompt (no padding)
     ids: list                # completion token ids, EOS included if it was produced
     finished: bool = field(default=False)  # ended with EOS rather than the length limit
+    logprobs: list = None    # log-prob of each completion token at the sampling temperature (fast path only)
 
 
 def stop_ids(model, tok):
@@ -264,35 +294,189 @@ def stop_ids(model, tok):
     return sorted(i for i in ids if i is not None)
 
 
-@torch.no_grad()
 def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512,
-           batch_size=64, greedy=False, progress=False, seed=None):
+           batch_size=64, greedy=False, progress=False, seed=None, fast=None):
     """n completions for each prompt, returned prompt-major ([p0 x n, p1 x n, ...]).
-    With a seed the draw repeats exactly (on CPU); without, it continues torch's global RNG."""
+    With a seed the draw repeats exactly (on CPU); without, it continues torch's global RNG.
+
+    Llama-family models take the lean decode loop below (`fast_sample`); any other model, or
+    fast=False, takes HF `generate`. Both give the same greedy output and the same
+    distribution; only the random draws differ."""
     from tqdm import tqdm
 
     if seed is not None:
         torch.manual_seed(seed)
+    fast = fast_path_ok(model) if fast is None else fast
     flat = [p for p in prompts for _ in range(n)]
-    stops = stop_ids(model, tok)
     out = []
     was_training = model.training
     model.eval()
     for s in tqdm(range(0, len(flat), batch_size), disable=not progress, desc="sampling", leave=False):
         chunk = flat[s:s + batch_size]
-        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=stops, **kw)
-        new = gen[:, enc["input_ids"].shape[1]:].tolist()
-        for i, p in enumerate(chunk):
-            ids = new[i]
-            end = next((t for t, x in enumerate(ids) if x in stops), None)
-            finished = end is not None
-            ids = ids[:end + 1] if finished else ids  # the stop token stays: it is trained on
-            pids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
-            out.append(Completion(p, tok.decode(ids, skip_special_tokens=True), pids, ids, finished))
+        gen = fast_sample if fast else hf_sample
+        out += gen(model, tok, chunk, temperature, top_p, max_new_tokens, greedy)
     model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def hf_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
+    """One HF `generate` call on a list of prompts (one completion each)."""
+    stops = stop_ids(model, tok)
+    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=stops, **kw)
+    new = gen[:, enc["input_ids"].shape[1]:].tolist()
+    out = []
+    for i, p in enumerate(chunk):
+        ids = new[i]
+        end = next((t for t, x in enumerate(ids) if x in stops), None)
+        finished = end is not None
+        ids = ids[:end + 1] if finished else ids  # the stop token stays: it is trained on
+        pids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+        out.append(Completion(p, tok.decode(ids, skip_special_tokens=True), pids, ids, finished))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The fast path: a lean KV-cache decode loop for Llama-family models.
+#
+# For a small model one decode step of HF `generate` is mostly per-call overhead (cache
+# objects, mask building, logits processors, ~60 module calls), not arithmetic. This loop
+# does the same Llama arithmetic in ~20 tensor ops per layer on the model's own weights (q|k|v
+# and gate|up stacked so each is one matmul), and saves work `generate` cannot know to save:
+# the samples of one prompt share one prefill, and finished rows leave the batch. Tests check
+# it against HF: logits, greedy output, and the log-probs the trainer computes.
+
+def fast_path_ok(model):
+    return getattr(getattr(model, "config", None), "model_type", None) == "llama"
+
+
+def _cat(*ts):
+    return None if ts[0] is None else torch.cat(ts)
+
+
+def lean_weights(model, max_len):
+    """The model's weights in the loop's layout, read once per sampling call (they are views or
+    small copies; the model is not changed), and RoPE's cos/sin for positions 0..max_len-1."""
+    m = model.model
+    layers = [dict(ln1=(l.input_layernorm.weight, l.input_layernorm.variance_epsilon),
+                   ln2=(l.post_attention_layernorm.weight, l.post_attention_layernorm.variance_epsilon),
+                   qkv=(torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]),
+                        _cat(l.self_attn.q_proj.bias, l.self_attn.k_proj.bias, l.self_attn.v_proj.bias)),
+                   o=(l.self_attn.o_proj.weight, l.self_attn.o_proj.bias),
+                   gu=(torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]),
+                       _cat(l.mlp.gate_proj.bias, l.mlp.up_proj.bias)),
+                   down=(l.mlp.down_proj.weight, l.mlp.down_proj.bias), act=l.mlp.act_fn) for l in m.layers]
+    pos = torch.arange(max_len, device=model.device)[None]
+    cos, sin = m.rotary_emb(m.embed_tokens.weight[:1, None], pos)  # HF's own RoPE, any rope_type
+    a = m.layers[0].self_attn
+    heads = (model.config.num_attention_heads, model.config.num_key_value_heads, a.head_dim)
+    return dict(layers=layers, cos=cos[0], sin=sin[0], heads=heads, embed=m.embed_tokens.weight,
+                norm=(m.norm.weight, m.norm.variance_epsilon), lm_head=model.lm_head.weight)
+
+
+def lean_hidden(w, ids, pos, cache, t0, mask):
+    """Final (normed) hidden states [B, T, D] for token ids [B, T] at positions pos [B, T]. The new
+    keys and values go into cache (per layer (K, V) [B, kv_heads, T_max, head_dim]) at t0..t0+T;
+    queries attend to cache[:t0+T] under the additive mask [B or 1, 1, T, t0+T] (0 or -inf).
+    Differentiable: training runs it too (train_student.completion_logprobs)."""
+    nh, nkv, hd = w["heads"]
+    B, T = ids.shape
+    h = F.embedding(ids, w["embed"])
+    cos, sin = w["cos"][pos][:, :, None], w["sin"][pos][:, :, None]  # [B, T, 1, hd]
+    for (K, V), L in zip(cache, w["layers"]):
+        x = F.rms_norm(h, h.shape[-1:], *L["ln1"])
+        qkv = F.linear(x, *L["qkv"]).view(B, T, nh + 2 * nkv, hd)
+        qk, v = qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:]
+        x1, x2 = qk.chunk(2, -1)
+        qk = qk * cos + torch.cat((-x2, x1), -1) * sin  # RoPE on queries and keys at once
+        K[:, :, t0:t0 + T], V[:, :, t0:t0 + T] = qk[:, :, nh:].transpose(1, 2), v.transpose(1, 2)
+        q, k, v = qk[:, :, :nh].transpose(1, 2), K[:, :, :t0 + T], V[:, :, :t0 + T]
+        if nkv != nh:
+            k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        # plain matmuls, not SDPA's kernel: on CPU they read the cache ~1.5x faster at one query per row
+        o = torch.softmax((q @ k.transpose(-1, -2)) * hd ** -0.5 + mask, -1) @ v
+        h = h + F.linear(o.transpose(1, 2).reshape(B, T, nh * hd), *L["o"])
+        g, u = F.linear(F.rms_norm(h, h.shape[-1:], *L["ln2"]), *L["gu"]).chunk(2, -1)
+        h = h + F.linear(L["act"](g) * u, *L["down"])
+    return F.rms_norm(h, h.shape[-1:], *w["norm"])
+
+
+@torch.no_grad()
+def fast_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
+    """`hf_sample`'s contract (left-padded prompts, positions counted from the first real token,
+    stop token kept) in a plain decode loop; also returns each token's log-prob at `temperature`."""
+    dev, stops = model.device, torch.tensor(stop_ids(model, tok), device=model.device)
+    uniq = list(dict.fromkeys(chunk))  # prompt-major chunks: the samples of a prompt share its prefill
+    enc = tok(uniq, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+    pmask = enc["attention_mask"].bool()
+    (P, Tp), Tmax, B = pmask.shape, pmask.shape[1] + max_new_tokens, len(chunk)
+    w = lean_weights(model, Tmax)
+    nh, nkv, hd = w["heads"]
+    new_cache = lambda rows, T: [tuple(torch.zeros(rows, nkv, T, hd, device=dev, dtype=model.dtype) for _ in "kv")
+                                 for _ in w["layers"]]
+    # 1. prefill the distinct prompts; a padding query attends to itself only (no all-masked rows)
+    allowed = torch.ones(Tp, Tp, dtype=torch.bool, device=dev).tril() & pmask[:, None, None, :]
+    allowed |= torch.eye(Tp, dtype=torch.bool, device=dev)
+    allowed = torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, float("-inf"))  # additive
+    pos = (pmask.long().cumsum(-1) - 1).clamp(min=0)
+    pre = new_cache(P, Tp)
+    logits = F.linear(lean_hidden(w, enc["input_ids"], pos, pre, 0, allowed)[:, -1], w["lm_head"])
+    # 2. one row per sample: copy its prompt's cache, key mask and position
+    row = torch.tensor([uniq.index(p) for p in chunk], device=dev)
+    cache = new_cache(B, Tmax)
+    for (K, V), (k, v) in zip(cache, pre):
+        K[:, :, :Tp], V[:, :, :Tp] = k[row], v[row]
+    keys = torch.full((B, 1, 1, Tmax), float("-inf"), device=dev)  # additive key mask
+    keys[:, 0, 0, :Tp].masked_fill_(pmask[row], 0.0)
+    logits, pos = logits[row], pos[row, -1:]
+    # 3. decode. `alive` maps batch rows to samples; a finished row stays in the batch (its
+    # tokens are no longer recorded) until a quarter of the rows are done, then all leave at once
+    alive, live = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
+    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+    lps = torch.zeros(B, max_new_tokens, device=dev)
+    length = torch.full((B,), max_new_tokens, device=dev)  # stays at the limit if no stop token comes
+    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), -1)
+        if greedy:
+            nxt = logp.argmax(-1)
+        else:  # inverse-CDF draw: one uniform per row
+            probs = logp.exp()
+            if top_p < 1.0:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+                sp, si = probs.sort(-1, descending=True)
+                probs = probs.scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp >= top_p, 0.0))
+            cdf = probs.cumsum(-1)
+            u = torch.rand(len(alive), 1, device=dev) * cdf[:, -1:]
+            nxt = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        toks[alive, t], lps[alive, t] = nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)  # cut at `length` later
+        done = torch.isin(nxt, stops) & live
+        length[alive[done]], stopped[alive[done]] = t + 1, True
+        live &= ~done
+        n_live = int(live.sum())
+        if t == max_new_tokens - 1 or n_live == 0:
+            break
+        if 4 * (len(alive) - n_live) >= len(alive):
+            keep = live.nonzero().squeeze(-1)
+            alive, live, nxt, pos, keys = alive[keep], live[keep], nxt[keep], pos[keep], keys[keep]
+            cache = [(K[keep], V[keep]) for K, V in cache]
+        keys[:, 0, 0, Tp + t] = 0.0
+        pos = pos + 1
+        logits = F.linear(lean_hidden(w, nxt[:, None], pos, cache, Tp + t, keys[..., :Tp + t + 1])[:, -1], w["lm_head"])
+    out = []
+    for b, (n_, t_, l_, f_) in enumerate(zip(length.tolist(), toks.tolist(), lps.tolist(), stopped.tolist())):
+        ids = t_[:int(n_)]
+        out.append(Completion(chunk[b], tok.decode(ids, skip_special_tokens=True),
+                              enc["input_ids"][row[b]][pmask[row[b]]].tolist(), ids, f_, l_[:int(n_)]))
+    return out
+    out = []
+    for b, (n_, t_, l_) in enumerate(zip(length.tolist(), toks.tolist(), lps.tolist())):
+        ids = t_[:int(n_)]
+        out.append(Completion(chunk[b], tok.decode(ids, skip_special_tokens=True),
+                              enc["input_ids"][row[b]][pmask[row[b]]].tolist(), ids, int(n_) < max_new_tokens or
+                              ids[-1] in stops.tolist(), l_[:int(n_)]))
     return out
 
 

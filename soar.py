@@ -49,7 +49,7 @@ PRESETS = {
         inner_steps=20, inner_steps_inc=5, inner_steps_max=30,
         teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=160, sample_batch=64,
         student_lr=1e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=120,
-        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2, micro_batch=64,
+        temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2, micro_batch=32,
     ),
     "paper": dict(
         model="meta-llama/Llama-3.2-3B-Instruct", style="math", hard_train=None, hard_test=None,

@@ -212,8 +212,19 @@ def test_mask_keeps_eos_and_micro_batches_agree(tiny_loaded):
            train_student.Episode([1, 2], [7, eos], 0.0, -0.5),
            train_student.Episode([9, 9, 9, 9], [3], 0.0, 0.25)]
     logp, mask = train_student.completion_logprobs(model, eps, 1.0, tok.pad_token_id)
-    assert mask.sum(1).tolist() == [3, 2, 1]
-    assert mask[0].tolist()[2:5] == [1, 1, 1] and mask[1].tolist()[1:3] == [1, 1]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 0, 0]]  # completion tokens first, EOS included
+    # the shared-prompt path (Llama models) and the plain HF forward agree, log-probs and gradients
+    hf, hf_mask = train_student.completion_logprobs(model, eps, 0.7, tok.pad_token_id, fast=False)
+    fast, fast_mask = train_student.completion_logprobs(model, eps + eps[:2], 0.7, tok.pad_token_id, fast=True)
+    assert torch.equal(hf_mask, fast_mask[:3]) and torch.allclose(hf * hf_mask, fast[:3] * hf_mask, atol=1e-5)
+    g = []
+    for fast_path in (False, True):
+        model.zero_grad()
+        lp, mk = train_student.completion_logprobs(model, eps, 0.7, tok.pad_token_id, fast=fast_path)
+        (lp * mk * torch.tensor([[1.0], [-2.0], [0.5]])).sum().backward()
+        g.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    model.zero_grad()
+    assert torch.allclose(g[0], g[1], atol=1e-5 * g[0].abs().max().item())
     # the gradient does not depend on micro-batching (the normaliser is the batch's token count)
     grads = []
     for mb in (3, 1):
@@ -343,6 +354,92 @@ def test_hf_sampling_returns_eos_terminated_ids(tiny_loaded):
     for c in out:
         assert len(c.ids) <= 8 and (not c.finished or c.ids[-1] == tok.eos_token_id)
         assert c.prompt_ids == tok(c.prompt, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="session")
+def toy_loaded():
+    path = os.path.join(HERE, "toy", "model")
+    return generate.load_model(path, device="cpu"), generate.load_tokenizer(path)
+
+
+def toy_prompts(n_per_L=2, Ls=range(1, 11)):
+    rng = random.Random(1)
+    return [generate.student_prompt(task.make_question(L, rng), "toy") for L in Ls for _ in range(n_per_L)]
+
+
+def test_fast_path_greedy_equals_hf_generate(toy_loaded):
+    model, tok = toy_loaded
+    assert generate.fast_path_ok(model)
+    # L = 1..10: prompts of many lengths (left padding) and rows that finish at many steps
+    prompts = toy_prompts()
+    hf = generate.sample(model, tok, prompts, greedy=True, max_new_tokens=120, fast=False)
+    fast = generate.sample(model, tok, prompts, greedy=True, max_new_tokens=120, fast=True)
+    assert [c.ids for c in fast] == [c.ids for c in hf]
+    assert [c.finished for c in fast] == [c.finished for c in hf] and sum(c.finished for c in fast) > 10
+    assert [c.prompt_ids for c in fast] == [c.prompt_ids for c in hf]
+    # a limit that cuts most completions: same cut, not finished
+    hf = generate.sample(model, tok, prompts, greedy=True, max_new_tokens=30, fast=False)
+    fast = generate.sample(model, tok, prompts, greedy=True, max_new_tokens=30, fast=True)
+    assert [(c.ids, c.finished) for c in fast] == [(c.ids, c.finished) for c in hf]
+    assert any(not c.finished and len(c.ids) == 30 for c in fast)
+
+
+def test_fast_path_logits_equal_hf_with_grouped_query_attention():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (3, 9))
+    w = generate.lean_weights(model, 16)
+    cache = [tuple(torch.zeros(3, 2, 16, 8) for _ in "kv") for _ in range(2)]
+    causal = torch.zeros(9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = torch.nn.functional.linear(generate.lean_hidden(w, ids[:, :8], torch.arange(8).expand(3, 8), cache, 0, causal[None, None, :8, :8])[:, -1], w["lm_head"])
+        assert torch.allclose(got, want[:, 7], atol=1e-5)
+        nxt = torch.nn.functional.linear(generate.lean_hidden(w, ids[:, 8:], torch.full((3, 1), 8), cache, 8, causal[None, None, 8:, :9])[:, -1], w["lm_head"])
+        assert torch.allclose(nxt, want[:, 8], atol=1e-5)  # one decode step on the cache
+
+
+def test_fast_sampler_logprobs_equal_the_trainers(toy_loaded):
+    model, tok = toy_loaded
+    T = 0.7
+    comps = generate.sample(model, tok, toy_prompts(1), n=3, temperature=T, max_new_tokens=60, seed=3)
+    eps = [train_student.Episode(c.prompt_ids, c.ids, 0.0, 0.0) for c in comps]
+    logp, mask = train_student.completion_logprobs(model, eps, T, tok.pad_token_id)
+    for i, c in enumerate(comps):
+        got = logp[i][mask[i].bool()]
+        assert len(c.logprobs) == len(c.ids)
+        assert torch.allclose(got, torch.tensor(c.logprobs), atol=1e-4)
+
+
+def test_fast_sampler_stops_limits_and_seeds(toy_loaded):
+    model, tok = toy_loaded
+    prompts = toy_prompts(1)
+    a = generate.sample(model, tok, prompts, n=4, max_new_tokens=80, seed=7)
+    b = generate.sample(model, tok, prompts, n=4, max_new_tokens=80, seed=7)
+    c = generate.sample(model, tok, prompts, n=4, max_new_tokens=80, seed=8)
+    assert [x.ids for x in a] == [x.ids for x in b] and [x.ids for x in a] != [x.ids for x in c]
+    assert [x.prompt for x in a] == [p for p in prompts for _ in range(4)]
+    stops = generate.stop_ids(model, tok)
+    for x in a:
+        assert all(t not in stops for t in x.ids[:-1])  # nothing after the first stop token
+        assert x.finished == (x.ids[-1] in stops) and (x.finished or len(x.ids) == 80)
+        assert x.prompt_ids == tok(x.prompt, add_special_tokens=False)["input_ids"]
+    # a second stop id from the generation config ends completions at that token too
+    space = tok(" ", add_special_tokens=False)["input_ids"][0]
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [old, space]
+    try:
+        for x in generate.sample(model, tok, prompts, n=2, max_new_tokens=80, seed=7):
+            assert x.finished and x.ids[-1] in (old, space) and space not in x.ids[:-1]
+    finally:
+        model.generation_config.eos_token_id = old
+    # the sampled distribution: a tiny top_p leaves only the most likely token, i.e. greedy
+    g = generate.sample(model, tok, prompts, greedy=True, max_new_tokens=40)
+    assert [x.ids for x in generate.sample(model, tok, prompts, top_p=1e-6, max_new_tokens=40)] == [x.ids for x in g]
 
 
 def test_vllm_glue_with_fake_engine(tiny_loaded):

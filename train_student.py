@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluate import greedy_accuracy, load_problems, shaped_reward
-from generate import load_model, load_tokenizer, sample, student_prompt
+from generate import fast_path_ok, lean_hidden, lean_weights, load_model, load_tokenizer, sample, student_prompt
 
 
 @dataclass
@@ -69,27 +69,69 @@ def rloo_advantages(rewards):
     return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (G - 1)
 
 
-def completion_logprobs(model, episodes, temperature, pad_id):
-    """Per-token log-probs of each completion under model at `temperature`, with the mask.
+def completion_logprobs(model, episodes, temperature, pad_id, fast=None):
+    """Per-token log-probs of each completion under model at `temperature`, and the mask:
+    both [B, longest completion], row i's tokens first, then padding (mask 0).
 
-    Sequences are prompt + completion, right-padded. The mask is built from the
-    completion lengths (not from `!= pad`), so an EOS equal to the pad token stays in
-    the loss: the model must learn when to stop. Log-probs use logits / temperature,
-    the distribution the sampler drew from (top_p = 1)."""
+    The mask is built from the completion lengths (not from `!= pad`), so an EOS equal to the
+    pad token stays in the loss: the model must learn when to stop. Log-probs use
+    logits / temperature, the distribution the sampler drew from (top_p = 1). Llama-family
+    models take `shared_prompt_logprobs` (same numbers, less work); others the HF forward."""
+    if fast_path_ok(model) if fast is None else fast:
+        return shared_prompt_logprobs(model, episodes, temperature)
     seqs = [e.prompt_ids + e.ids for e in episodes]
-    T = max(map(len, seqs))
+    T, Tc = max(map(len, seqs)), max(len(e.ids) for e in episodes)
     dev = next(model.parameters()).device
     x = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=dev)
     attn = torch.zeros_like(x)
-    mask = torch.zeros(len(seqs), T - 1, device=dev)
-    for i, (e, s) in enumerate(zip(episodes, seqs)):
+    for i, s in enumerate(seqs):
         x[i, :len(s)] = torch.tensor(s, device=dev)
         attn[i, :len(s)] = 1
-        p = len(e.prompt_ids)
-        mask[i, p - 1:p - 1 + len(e.ids)] = 1  # position t predicts token t+1
-    logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float() / temperature
-    logp = torch.gather(F.log_softmax(logits, -1), 2, x[:, 1:, None]).squeeze(-1)
-    return logp, mask
+    logits = model(input_ids=x, attention_mask=attn).logits.float() / temperature
+    # position p - 1 + j predicts completion token j
+    at = torch.tensor([[len(e.prompt_ids) - 1 + min(j, len(e.ids) - 1) for j in range(Tc)] for e in episodes], device=dev)
+    logits = torch.gather(logits, 1, at[..., None].expand(-1, -1, logits.shape[-1]))
+    return _token_logprobs(logits, episodes, Tc, dev)
+
+
+def _token_logprobs(logits, episodes, Tc, dev):
+    ids = torch.zeros(len(episodes), Tc, dtype=torch.long, device=dev)
+    mask = torch.zeros(len(episodes), Tc, device=dev)
+    for i, e in enumerate(episodes):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids, device=dev)
+        mask[i, :len(e.ids)] = 1
+    return torch.gather(F.log_softmax(logits, -1), 2, ids[..., None]).squeeze(-1), mask
+
+
+def shared_prompt_logprobs(model, episodes, temperature):
+    """completion_logprobs for Llama-family models, with each distinct prompt run once.
+
+    The samples of an RLOO group share their prompt, so its keys and values are computed once
+    and every completion attends to them; the gradient reaches the prompt's computation from
+    all of its completions. Same positions, same arithmetic as the full forward (a test checks
+    log-probs and gradients against it); the prompt work shrinks by the group size."""
+    dev = next(model.parameters()).device
+    prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in episodes))
+    row = torch.tensor([prompts.index(tuple(e.prompt_ids)) for e in episodes], device=dev)
+    plen = torch.tensor([len(p) for p in prompts], device=dev)
+    P, B, Tp, Tc = len(prompts), len(episodes), int(plen.max()), max(len(e.ids) for e in episodes)
+    w = lean_weights(model, Tp + Tc)
+    nh, nkv, hd = w["heads"]
+    pad = lambda seqs, T: torch.tensor([list(s) + [0] * (T - len(s)) for s in seqs], device=dev)  # noqa: E731
+    # 1. the prompts, right-padded, causal (a padding position is never attended to below)
+    cache = [tuple(torch.zeros(P, nkv, Tp, hd, device=dev) for _ in "kv") for _ in w["layers"]]
+    causal = torch.full((Tp + Tc, Tp + Tc), float("-inf"), device=dev).triu(1)
+    hp = lean_hidden(w, pad(prompts, Tp), torch.arange(Tp, device=dev).expand(P, Tp), cache, 0, causal[None, None, :Tp, :Tp])
+    # 2. the completions, each after its own prompt: its prompt's keys up to the prompt's length, then its own causally
+    cache = [tuple(torch.cat([x[row], x.new_zeros(B, nkv, Tc, hd)], 2) for x in kv) for kv in cache]
+    mask = torch.zeros(B, 1, Tc, Tp + Tc, device=dev)
+    mask[:, 0, :, :Tp] = torch.where(torch.arange(Tp, device=dev)[None] < plen[row][:, None], 0.0, float("-inf"))[:, None]
+    mask[:, 0, :, Tp:] = causal[Tp:, Tp:]
+    pos = plen[row][:, None] + torch.arange(Tc, device=dev)
+    hc = lean_hidden(w, pad([e.ids for e in episodes], Tc), pos, cache, Tp, mask)
+    # 3. completion token j is predicted from the state before it: the prompt's last, then its own
+    h = torch.cat([hp[row, plen[row] - 1][:, None], hc[:, :-1]], 1)
+    return _token_logprobs(F.linear(h, w["lm_head"]).float() / temperature, episodes, Tc, dev)
 
 
 def pg_loss(logp, mask, advantages, n_tokens):
@@ -109,14 +151,20 @@ def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sche
     n_tok = sum(len(e.ids) for e in episodes)
     opt.zero_grad(set_to_none=True)
     tot_pg = tot_kl = 0.0
-    for s in range(0, len(episodes), cfg.micro_batch):
-        mb = episodes[s:s + cfg.micro_batch]
+    # micro-batches of similar length (each is padded to its own longest sequence, not the batch's),
+    # a prompt's samples kept together (its work is shared: see shared_prompt_logprobs)
+    groups = {}
+    for e in episodes:
+        groups.setdefault(tuple(e.prompt_ids), []).append(e)
+    order = [e for g in sorted(groups.values(), key=lambda g: max(len(e.prompt_ids) + len(e.ids) for e in g)) for e in g]
+    for s in range(0, len(order), cfg.micro_batch):
+        mb = order[s:s + cfg.micro_batch]
         logp, mask = completion_logprobs(model, mb, cfg.temperature, pad_id)
         adv = torch.tensor([e.advantage for e in mb], device=logp.device)
         pg = pg_loss(logp, mask, adv, n_tok)
         loss = pg
         if ref_model is not None and cfg.kl_coef > 0:
-            with torch.no_grad():
+            with torch.inference_mode():
                 ref_logp, _ = completion_logprobs(ref_model, mb, cfg.temperature, pad_id)
             d = ref_logp - logp  # k3 estimator of KL(pi || ref): e^d - d - 1 >= 0, unbiased
             kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok

@@ -1,0 +1,351 @@
+"""
+experiments/bench.py -- how fast SOAR's stages run, each compared side by side in one invocation
+and reported as a ratio (absolute seconds vary between machines and between runs on shared ones).
+
+    pip install trl==1.16.0                    # only for comparison 1; never in requirements.txt
+    python -m experiments.bench                # all four, ~12 min on 2 CPU cores; tables + runs/bench/bench.json
+    python -m experiments.bench --only sampling,student
+
+1. student   one RLOO step of this project vs TRL's RLOOTrainer on the same work: toy/model,
+             8 questions x 8 samples of toy chains at L = 7-8, temperature 1, at most 120 new tokens,
+             lr 1e-4, KL coefficient 0.001, AdamW, 2 torch threads; median seconds per step after the
+             first. Also the update's arithmetic rate on real (unpadded) tokens as a share of this
+             machine's fp32 matrix-multiply peak, measured here.
+2. sampling  generate.sample vs one plain `model.generate(do_sample=True)` call on the same prompts,
+             n, temperature and limit (generated tokens per second); greedy evaluation of 32 questions.
+3. outer     one outer step of the default toy preset (`python soar.py --steps 1`), broken down:
+             teacher sampling, baseline greedy evaluation, inner sampling, grading, inner updates (the
+             reference forward for the KL included), inner greedy evaluations, teacher update,
+             checkpoint write; seconds, shares and the peak resident memory.
+4. old       the same outer step at commit 333b3a2 (checked out into a git worktree under --out)
+             and at the working tree, one after the other in this run.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import generate
+import train_student
+from evaluate import shaped_reward
+from generate import load_model, load_tokenizer, student_prompt
+from toy import task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OLD_COMMIT = "333b3a2"
+THREADS = 2
+
+# The outer-step probe. It runs in a fresh interpreter whose working directory is a checkout
+# (this one, or the old commit's worktree), so the same text times both versions of the code:
+# it wraps the stages' functions by name with timers, then runs `soar.py --steps 1`.
+PROBE = r'''
+import json, os, resource, sys, tempfile, time
+import soar, train_student, train_teacher
+T = {}
+def wrap(mod, name, key):
+    f = getattr(mod, name)
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            T[key] = T.get(key, 0.0) + time.perf_counter() - t
+    setattr(mod, name, timed)
+for mod, name, key in [(soar, "sample_teacher_datasets", "teacher sampling"),
+                       (soar, "greedy_accuracy", "baseline greedy evaluation"),
+                       (train_student, "sample", "inner sampling"),
+                       (train_student, "shaped_reward", "grading"),
+                       (train_student, "policy_gradient_step", "inner updates"),
+                       (train_teacher, "greedy_accuracy", "inner greedy evaluations"),
+                       (soar, "teacher_step", "teacher update"),
+                       (soar, "atomic_save", "checkpoint write")]:
+    wrap(mod, name, key)
+first = [None]
+real_first = soar.sample_teacher_datasets
+def mark(*a, **k):
+    first[0] = first[0] or time.perf_counter()
+    return real_first(*a, **k)
+soar.sample_teacher_datasets = mark
+out = tempfile.mkdtemp()
+soar.main(["--steps", "1", "--out", os.path.join(out, "run")])
+step = time.perf_counter() - first[0]  # from teacher sampling to the end of the run (its one step and the final saves)
+print("PROBE" + json.dumps({"step_seconds": step, "parts": T,
+                            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def median_after_first(xs):
+    return statistics.median(xs[1:]) if len(xs) > 1 else xs[0]
+
+
+def toy_workload(seed=0, questions=8):
+    """The 8 x 8 workload: toy chains at L = 7-8, a fresh set per step drawn from a pool."""
+    pool = task.problems(64, 7, seed) + task.problems(64, 8, seed)
+    random.Random(seed).shuffle(pool)
+    return [(p["problem"], p["answer"]) for p in pool]
+
+
+# ----------------------------------------------------------------------------- 0. the machine
+
+
+def matmul_peak(n=2048, reps=5):
+    """fp32 GFLOP/s of one large square matmul with the benchmark's threads: the machine's peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def forward_flops(model, seq_lens):
+    """Forward FLOPs of a Llama model over sequences of these (unpadded) lengths: 2 per weight of
+    every matmul (the embedding lookup is free, the tied LM head is not) and 4 * d per attended
+    position (scores and weighted sum; causal, so position t attends to t + 1)."""
+    cfg = model.config
+    mats = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    mats += cfg.vocab_size * cfg.hidden_size  # LM head (tied or not)
+    d_attn = cfg.num_attention_heads * model.model.layers[0].self_attn.head_dim
+    per_seq = lambda n: 2 * mats * n + 4 * d_attn * cfg.num_hidden_layers * n * (n + 1) / 2  # noqa: E731
+    return sum(per_seq(n) for n in seq_lens)
+
+
+# ----------------------------------------------------------------------------- 1. the student step
+
+
+def project_student_steps(steps=6, seed=0, micro_batch=None):
+    """Per-step seconds of train_student.train on the workload, with the split into sampling,
+    rewards and update, and the update's FLOP rate on real tokens."""
+    tok, model = load_tokenizer(os.path.join(ROOT, "toy", "model")), load_model(os.path.join(ROOT, "toy", "model"))
+    from soar import PRESETS
+
+    cfg = train_student.RLConfig(lr=1e-4, kl_coef=0.001, questions=8, group=8, temperature=1.0,
+                                 max_new_tokens=120, style="toy",
+                                 micro_batch=micro_batch or PRESETS["toy"]["micro_batch"])
+    parts = {"sampling": [], "rewards": [], "update": []}
+    flops = []
+    real = {k: getattr(train_student, k) for k in ("sample", "shaped_reward", "policy_gradient_step")}
+
+    def timed(key, f):
+        def g(*a, **k):
+            t = time.perf_counter()
+            out = f(*a, **k)
+            parts[key][-1] += time.perf_counter() - t
+            if key == "update":
+                eps = a[2]
+                flops.append(4 * forward_flops(model, [len(e.prompt_ids) + len(e.ids) for e in eps]))
+            return out
+        return g
+
+    def new_step(*_):
+        for v in parts.values():
+            v.append(0.0)
+
+    train_student.sample = timed("sampling", real["sample"])
+    train_student.shaped_reward = timed("rewards", real["shaped_reward"])
+    train_student.policy_gradient_step = timed("update", real["policy_gradient_step"])
+    times, last = [], [None]
+
+    def on_step(*_):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        new_step()
+
+    try:
+        new_step()
+        torch.manual_seed(seed)
+        last[0] = time.perf_counter()
+        train_student.train(model, tok, toy_workload(seed), steps, cfg, random.Random(seed), on_step=on_step)
+    finally:
+        for k, f in real.items():
+            setattr(train_student, k, f)
+    for v in parts.values():
+        v.pop()  # the empty slot opened after the last step
+    # update FLOPs: policy forward + backward (3 forwards) and the reference forward (1): 4 forwards
+    rate = [f / u / 1e9 for f, u in zip(flops, parts["update"])]
+    return dict(step_seconds=times, median=median_after_first(times),
+                parts={k: median_after_first(v) for k, v in parts.items()},
+                update_gflops_real_tokens=median_after_first(rate), micro_batch=cfg.micro_batch)
+
+
+def trl_student_steps(steps=6, seed=0):
+    """TRL's RLOOTrainer on the same work (see experiments/bench_trl.py); None if trl is missing."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return None
+    from experiments.bench_trl import trl_step_seconds
+
+    return trl_step_seconds(os.path.join(ROOT, "toy", "model"), steps=steps, seed=seed)
+
+
+# ----------------------------------------------------------------------------- 2. sampling
+
+
+def count_generated(rows, stops, limit):
+    """Tokens a completion really has: up to and including the first stop token, else the limit."""
+    n = 0
+    for r in rows:
+        end = next((i for i, x in enumerate(r) if x in stops), None)
+        n += limit if end is None else end + 1
+    return n
+
+
+def plain_generate(model, tok, prompts, n, temperature, limit, greedy=False):
+    flat = [p for p in prompts for _ in range(n)]
+    enc = tok(flat, return_tensors="pt", padding=True, add_special_tokens=False)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=limit, pad_token_id=tok.pad_token_id,
+                             eos_token_id=generate.stop_ids(model, tok), **kw)
+    return out[:, enc["input_ids"].shape[1]:].tolist()
+
+
+def sampling_bench(reps=3, seed=0):
+    tok, model = load_tokenizer(os.path.join(ROOT, "toy", "model")), load_model(os.path.join(ROOT, "toy", "model"))
+    model.eval()
+    stops = generate.stop_ids(model, tok)
+    prompts = [student_prompt(q, "toy") for q, _ in toy_workload(seed)[:8]]
+    res = {"project": [], "generate": []}
+    for r in range(reps):  # interleaved, so both see the same machine
+        torch.manual_seed(seed + r)
+        t = time.perf_counter()
+        rows = plain_generate(model, tok, prompts, 8, 1.0, 120)
+        res["generate"].append(count_generated(rows, stops, 120) / (time.perf_counter() - t))
+        t = time.perf_counter()
+        comps = generate.sample(model, tok, prompts, n=8, temperature=1.0, max_new_tokens=120, seed=seed + r)
+        res["project"].append(sum(len(c.ids) for c in comps) / (time.perf_counter() - t))
+    hard = [json.loads(line) for name in ("train", "test") for line in open(os.path.join(ROOT, "toy", "hard", name + ".jsonl"))]
+    qs = [student_prompt(p["problem"], "toy") for p in hard[:32]]
+    greedy = {"project": [], "generate": []}
+    for r in range(reps):
+        t = time.perf_counter()
+        plain_generate(model, tok, qs, 1, 1.0, 120, greedy=True)
+        greedy["generate"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        generate.sample(model, tok, qs, greedy=True, max_new_tokens=120)
+        greedy["project"].append(time.perf_counter() - t)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    return dict(tokens_per_second={k: med(v) for k, v in res.items()},
+                ratio=med(res["project"]) / med(res["generate"]),
+                greedy32_seconds={k: med(v) for k, v in greedy.items()},
+                greedy32_ratio=med(greedy["generate"]) / med(greedy["project"]))
+
+
+# ----------------------------------------------------------------------------- 3 and 4. the outer step
+
+
+def outer_step(checkout):
+    """Run the probe in a fresh interpreter inside `checkout`; its timing breakdown."""
+    env = dict(os.environ, PYTHONPATH=checkout, TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, "-c", PROBE], cwd=checkout, env=env, capture_output=True, text=True)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("PROBE")), None)
+    if p.returncode != 0 or line is None:
+        raise RuntimeError(f"outer-step probe failed in {checkout}:\n{p.stderr[-2000:]}")
+    return json.loads(line[len("PROBE"):])
+
+
+def old_checkout(out):
+    """A git worktree of OLD_COMMIT under out/ (made once, reused)."""
+    path = os.path.join(out, f"old-{OLD_COMMIT}")
+    if not os.path.isdir(path):
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", os.path.abspath(path), OLD_COMMIT],
+                       check=True, capture_output=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(rows, head):
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def report(res):
+    md = [f"Machine: {res['threads']} torch threads; fp32 matmul peak {res['peak_gflops']:.0f} GFLOP/s "
+          f"(2048 x 2048)."]
+    if "student" in res:
+        s, t = res["student"]["project"], res["student"].get("trl")
+        rows = [["this project", f"{s['median']:.3f}", f"{s['parts']['sampling']:.3f}", f"{s['parts']['rewards']:.3f}",
+                 f"{s['parts']['update']:.3f}", "1.00"]]
+        if t:
+            rows.append([f"TRL {t['trl_version']} RLOOTrainer", f"{t['median_after_first']:.3f}", "", "", "",
+                         f"{t['median_after_first'] / s['median']:.2f}"])
+        md += ["", "**1. Student RLOO step** (8 questions x 8 samples, L = 7-8, <= 120 new tokens; median s/step after the first)",
+               "", table(rows, ["", "s/step", "sampling", "rewards", "update", "TRL / project"])]
+        u = s["update_gflops_real_tokens"]
+        md += ["", f"Update arithmetic on real tokens: {u:.0f} GFLOP/s = {u / res['peak_gflops']:.0%} of the "
+                   f"matmul peak (micro-batches of {s['micro_batch']} sequences)."]
+        if not t:
+            md += ["", "TRL is not installed (`pip install trl==1.16.0`): its row is missing."]
+    if "sampling" in res:
+        s = res["sampling"]
+        md += ["", "**2. Sampling** (the same 8 prompts x 8 samples, temperature 1, <= 120 new tokens)", "",
+               table([["one `model.generate(do_sample=True)` call", f"{s['tokens_per_second']['generate']:.0f}", "1.00"],
+                      ["`generate.sample`", f"{s['tokens_per_second']['project']:.0f}", f"{s['ratio']:.2f}"]],
+                     ["", "generated tokens/s", "speed-up"]),
+               "", f"Greedy evaluation of 32 hard-set questions: `model.generate` {s['greedy32_seconds']['generate']:.2f} s, "
+                   f"`generate.sample` {s['greedy32_seconds']['project']:.2f} s ({s['greedy32_ratio']:.2f}x)."]
+    for key, title in (("outer", "3. One outer step of the toy preset, now"),
+                       ("old", f"4. The same outer step at {OLD_COMMIT}")):
+        if key not in res:
+            continue
+        o = res[key]
+        rows = [[k, f"{v:.1f}", f"{v / o['step_seconds']:.0%}"] for k, v in sorted(o["parts"].items(), key=lambda x: -x[1])]
+        rows.append(["other (Q_R draw, promotion bookkeeping, logging, final saves)",
+                     f"{o['step_seconds'] - sum(o['parts'].values()):.1f}", ""])
+        rows.append(["**the step**", f"**{o['step_seconds']:.1f}**", f"peak RSS {o['peak_rss_mb']:.0f} MB"])
+        md += ["", f"**{title}**", "", table(rows, ["part", "seconds", "share"])]
+    if "outer" in res and "old" in res:
+        md += ["", f"Outer step speed-up over {OLD_COMMIT}: "
+                   f"**{res['old']['step_seconds'] / res['outer']['step_seconds']:.2f}x**."]
+    return "\n".join(md)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="student,sampling,outer,old",
+                    help="comma-separated subset of: student, sampling, outer, old (default: all)")
+    ap.add_argument("--steps", type=int, default=6, help="student RLOO steps per trainer (default 6)")
+    ap.add_argument("--out", default=os.path.join("runs", "bench"),
+                    help="where bench.json, bench.md and the old commit's worktree go (default runs/bench)")
+    a = ap.parse_args(argv)
+    parts = set(a.only.split(","))
+    unknown = parts - {"student", "sampling", "outer", "old"}
+    if unknown:
+        ap.error(f"--only: unknown part(s) {sorted(unknown)}")
+    torch.set_num_threads(THREADS)
+    os.makedirs(a.out, exist_ok=True)
+    res = dict(threads=THREADS, peak_gflops=matmul_peak(), torch=torch.__version__)
+    if "student" in parts:
+        print("1. student step ...", flush=True)
+        res["student"] = dict(project=project_student_steps(a.steps), trl=trl_student_steps(a.steps))
+    if "sampling" in parts:
+        print("2. sampling ...", flush=True)
+        res["sampling"] = sampling_bench()
+    if "old" in parts:
+        print(f"4. outer step at {OLD_COMMIT} ...", flush=True)
+        res["old"] = outer_step(old_checkout(a.out))
+    if "outer" in parts:
+        print("3. outer step now ...", flush=True)
+        res["outer"] = outer_step(ROOT)
+    md = report(res)
+    print("\n" + md)
+    with open(os.path.join(a.out, "bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(a.out, "bench.md"), "w") as f:
+        f.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
