@@ -18,18 +18,155 @@ As a command:
 Problem files are JSONL with at least `problem` and `answer` (`id` optional).
 """
 import argparse
+import functools
 import json
 import math
 import os
 import random
+import re
+import select
+import subprocess
 import sys
+import threading
 
 import torch
 
-from generate import get_verifier, greedy, last_boxed, load_model, load_tokenizer, sample, student_prompt
+from generate import greedy, last_boxed, load_model, load_tokenizer, parse_teacher, sample, student_prompt
+
+# -----------------------------------------------------------------------------
+# Math-Verify, time-bounded. Its own timeout uses SIGALRM, which only works on the
+# main thread; a child process can be bounded from any thread and killed when a
+# sympy call runs away (exponent towers, huge factorials). Model text is only
+# ever parsed as LaTeX by Math-Verify, never evaluated as code.
+
+MAX_ANSWER_CHARS = 1000  # longer "answers" are judged unequal without parsing
+
+
+# The child is a fresh `python -c` interpreter, not a multiprocessing child: it never re-imports
+# the caller's main script, so `grade` works from any script (guarded by `if __name__ ==
+# "__main__":` or not), a notebook or a worker process. It speaks one JSON line per request.
+_CHILD = r"""
+import json, logging, sys
+from math_verify import parse, verify
+logging.disable(logging.WARNING)  # it warns on every call that we bound time ourselves
+print('"ready"', flush=True)
+for line in sys.stdin:
+    op, args = json.loads(line)
+    try:
+        if op == "parses":  # parsed means a symbolic result, not only the raw-string fallback
+            out = any(not isinstance(x, str) for x in parse("\\boxed{%s}" % args[0], parsing_timeout=None))
+        else:
+            gold = parse("\\boxed{%s}" % args[0], parsing_timeout=None)
+            pred = parse("\\boxed{%s}" % args[1], parsing_timeout=None)
+            out = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
+    except Exception:  # any failure to parse or compare is "no"
+        out = False
+    print(json.dumps(bool(out)), flush=True)
+"""
+
+
+class Verifier:
+    """parses(answer) and equal(reference, answer), each bounded by `timeout` seconds
+    from any thread; a timeout returns False and is counted in .timeouts."""
+
+    def __init__(self, timeout=2.0, start_timeout=120.0):
+        self.timeout, self.start_timeout, self.timeouts = timeout, start_timeout, 0
+        self._lock = threading.Lock()
+        self._proc = None
+
+    def _read(self, timeout):
+        """The child's next reply, or None after `timeout` seconds; EOFError if it died."""
+        if not select.select([self._proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise EOFError
+        return json.loads(line)
+
+    def _start(self):
+        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, bufsize=1)
+        # wait for its imports, so that the time bound of each call measures the call alone
+        try:
+            ready = self._read(self.start_timeout)
+        except EOFError:  # it died while starting: say why, at once
+            err = self._proc.stderr.read().strip().splitlines()
+            self._kill()
+            raise RuntimeError("the Math-Verify child process died while starting: "
+                               + (err[-1] if err else "no message")) from None
+        if ready != "ready":
+            self._kill()
+            raise RuntimeError(f"the Math-Verify child process did not start within {self.start_timeout:.0f} s")
+
+    def _kill(self):
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+                f.close()
+            self._proc = None
+
+    def _ask(self, op, *args):
+        if any(len(a) > MAX_ANSWER_CHARS for a in args):
+            return False
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._kill()
+                self._start()
+            try:
+                self._proc.stdin.write(json.dumps([op, args]) + "\n")
+                self._proc.stdin.flush()
+                out = self._read(self.timeout)
+            except (EOFError, BrokenPipeError):  # it died on this input (e.g. out of memory): "no"
+                out = None
+            if out is None:
+                self.timeouts += 1
+                self._kill()
+                return False
+            return out
+
+    @functools.lru_cache(maxsize=100_000)
+    def parses(self, answer):
+        return self._ask("parses", answer)
+
+    @functools.lru_cache(maxsize=100_000)
+    def equal(self, reference, answer):
+        if _norm(reference) == _norm(answer):
+            return True
+        return self._ask("equal", reference, answer)
+
+    def close(self):
+        with self._lock:
+            self._kill()
+
+
+def _norm(s):
+    return re.sub(r"\s+", "", s)
+
+
+_VERIFIER = None
+
+
+def get_verifier():
+    """The process-wide Verifier (one child process, started on first use)."""
+    global _VERIFIER
+    if _VERIFIER is None:
+        _VERIFIER = Verifier()
+    return _VERIFIER
+
 
 # -----------------------------------------------------------------------------
 # Grading
+
+
+def teacher_pair(completion, verifier=None):
+    """(question, answer) if a teacher completion is valid, else None: the paper's three filters,
+    the tags, a \\boxed{} answer, and an answer Math-Verify can parse (the process-wide verifier
+    unless one is given). A completion cut at the token limit that passes them is valid."""
+    qa = parse_teacher(completion)
+    return qa if qa and (verifier or get_verifier()).parses(qa[1]) else None
+
+
 
 
 def grade(completion, reference, verifier=None):

@@ -6,11 +6,9 @@ Everything the other stages need to turn a model into text and text back into
 
     load_model / load_tokenizer   any Hugging Face causal LM, by local dir or hub name
     teacher_prompt / student_prompt   the two prompt formats of the SOAR paper
-    sample / greedy               batched HF `generate` (the default backend)
+    sample / greedy               batched sampling: a lean decode loop for Llama models, HF `generate` otherwise
     VLLMSampler                   the same interface on vLLM (GPU users; imported only if asked)
-    last_boxed / parse_teacher    text parsing (nested braces, tag variants)
-    Verifier                      Math-Verify in a child process, time-bounded from any thread
-    sample_teacher_datasets       rejection sampling until g*n valid pairs
+    last_boxed / parse_teacher    text parsing (nested braces, the teacher's tag format)
 
 Run alone it samples from a model, e.g.
 
@@ -21,14 +19,9 @@ Simplifications: one process, one device; the HF backend samples with a KV
 cache but no paged attention; seeds are set once per call so a CPU run repeats.
 """
 import argparse
-import functools
 import json
 import os
 import re
-import select
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -98,14 +91,13 @@ _QUESTION_RE = re.compile(r"<question>(.*?)(?:</question>|<question>)", re.S)
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.S)
 
 
-def parse_teacher(completion, verifier=None, check_math=True):
-    """(question, answer) from a teacher completion, or None if it is invalid.
+def parse_teacher(completion):
+    """(question, answer) from a teacher completion if it has the paper's format, else None.
 
-    Valid iff it has opening and closing question tags (the closing one with or
-    without the slash, as the paper prints it without), opening and closing
-    answer tags after the question, a \\boxed{} answer inside the answer tags, and
-    a boxed answer that Math-Verify can parse (the process-wide verifier unless one is
-    given; check_math=False skips this last check)."""
+    The format: opening and closing question tags (the closing one with or without the slash,
+    as the paper prints it without), opening and closing answer tags after the question, and a
+    \\boxed{} answer inside the answer tags. Validity also needs an answer Math-Verify can parse
+    (evaluate.teacher_pair checks both)."""
     q = _QUESTION_RE.search(completion)
     if q is None:
         return None
@@ -115,131 +107,7 @@ def parse_teacher(completion, verifier=None, check_math=True):
     question, answer = q.group(1).strip(), last_boxed(a.group(1))
     if not question or not answer:
         return None
-    if check_math and not (verifier or get_verifier()).parses(answer):
-        return None
     return question, answer
-
-
-# -----------------------------------------------------------------------------
-# Math-Verify, time-bounded. Its own timeout uses SIGALRM, which only works on the
-# main thread; a child process can be bounded from any thread and killed when a
-# sympy call runs away (exponent towers, huge factorials). Model text is only
-# ever parsed as LaTeX by Math-Verify, never evaluated as code.
-
-MAX_ANSWER_CHARS = 1000  # longer "answers" are judged unequal without parsing
-
-
-# The child is a fresh `python -c` interpreter, not a multiprocessing child: it never re-imports
-# the caller's main script, so `grade` works from any script (guarded by `if __name__ ==
-# "__main__":` or not), a notebook or a worker process. It speaks one JSON line per request.
-_CHILD = r"""
-import json, logging, sys
-from math_verify import parse, verify
-logging.disable(logging.WARNING)  # it warns on every call that we bound time ourselves
-print('"ready"', flush=True)
-for line in sys.stdin:
-    op, args = json.loads(line)
-    try:
-        if op == "parses":  # parsed means a symbolic result, not only the raw-string fallback
-            out = any(not isinstance(x, str) for x in parse("\\boxed{%s}" % args[0], parsing_timeout=None))
-        else:
-            gold = parse("\\boxed{%s}" % args[0], parsing_timeout=None)
-            pred = parse("\\boxed{%s}" % args[1], parsing_timeout=None)
-            out = bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=None)
-    except Exception:  # any failure to parse or compare is "no"
-        out = False
-    print(json.dumps(bool(out)), flush=True)
-"""
-
-
-class Verifier:
-    """parses(answer) and equal(reference, answer), each bounded by `timeout` seconds
-    from any thread; a timeout returns False and is counted in .timeouts."""
-
-    def __init__(self, timeout=2.0, start_timeout=120.0):
-        self.timeout, self.start_timeout, self.timeouts = timeout, start_timeout, 0
-        self._lock = threading.Lock()
-        self._proc = None
-
-    def _read(self, timeout):
-        """The child's next reply, or None after `timeout` seconds; EOFError if it died."""
-        if not select.select([self._proc.stdout], [], [], timeout)[0]:
-            return None
-        line = self._proc.stdout.readline()
-        if not line:
-            raise EOFError
-        return json.loads(line)
-
-    def _start(self):
-        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, bufsize=1)
-        # wait for its imports, so that the time bound of each call measures the call alone
-        try:
-            ready = self._read(self.start_timeout)
-        except EOFError:  # it died while starting: say why, at once
-            err = self._proc.stderr.read().strip().splitlines()
-            self._kill()
-            raise RuntimeError("the Math-Verify child process died while starting: "
-                               + (err[-1] if err else "no message")) from None
-        if ready != "ready":
-            self._kill()
-            raise RuntimeError(f"the Math-Verify child process did not start within {self.start_timeout:.0f} s")
-
-    def _kill(self):
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            for f in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
-                f.close()
-            self._proc = None
-
-    def _ask(self, op, *args):
-        if any(len(a) > MAX_ANSWER_CHARS for a in args):
-            return False
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._kill()
-                self._start()
-            try:
-                self._proc.stdin.write(json.dumps([op, args]) + "\n")
-                self._proc.stdin.flush()
-                out = self._read(self.timeout)
-            except (EOFError, BrokenPipeError):  # it died on this input (e.g. out of memory): "no"
-                out = None
-            if out is None:
-                self.timeouts += 1
-                self._kill()
-                return False
-            return out
-
-    @functools.lru_cache(maxsize=100_000)
-    def parses(self, answer):
-        return self._ask("parses", answer)
-
-    @functools.lru_cache(maxsize=100_000)
-    def equal(self, reference, answer):
-        if _norm(reference) == _norm(answer):
-            return True
-        return self._ask("equal", reference, answer)
-
-    def close(self):
-        with self._lock:
-            self._kill()
-
-
-def _norm(s):
-    return re.sub(r"\s+", "", s)
-
-
-_VERIFIER = None
-
-
-def get_verifier():
-    """The process-wide Verifier (one child process, started on first use)."""
-    global _VERIFIER
-    if _VERIFIER is None:
-        _VERIFIER = Verifier()
-    return _VERIFIER
 
 
 # -----------------------------------------------------------------------------
@@ -424,7 +292,7 @@ def fast_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
     pos = (pmask.long().cumsum(-1) - 1).clamp(min=0)
     pre = new_cache(P, Tp)
     logits = F.linear(lean_hidden(w, enc["input_ids"], pos, pre, 0, allowed)[:, -1], w["lm_head"])
-    # 2. one row per sample: copy its prompt's cache, key mask and position
+    # 2. one row per sample: its prompt's cache, key mask and position
     row = torch.tensor([uniq.index(p) for p in chunk], device=dev)
     cache = new_cache(B, Tmax)
     for (K, V), (k, v) in zip(cache, pre):
@@ -464,19 +332,14 @@ def fast_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
             cache = [(K[keep], V[keep]) for K, V in cache]
         keys[:, 0, 0, Tp + t] = 0.0
         pos = pos + 1
-        logits = F.linear(lean_hidden(w, nxt[:, None], pos, cache, Tp + t, keys[..., :Tp + t + 1])[:, -1], w["lm_head"])
+        h = lean_hidden(w, nxt[:, None], pos, cache, Tp + t, keys[..., :Tp + t + 1])
+        logits = F.linear(h[:, -1], w["lm_head"])
     out = []
     for b, (n_, t_, l_, f_) in enumerate(zip(length.tolist(), toks.tolist(), lps.tolist(), stopped.tolist())):
         ids = t_[:int(n_)]
+        p = uniq.index(chunk[b])
         out.append(Completion(chunk[b], tok.decode(ids, skip_special_tokens=True),
-                              enc["input_ids"][row[b]][pmask[row[b]]].tolist(), ids, f_, l_[:int(n_)]))
-    return out
-    out = []
-    for b, (n_, t_, l_) in enumerate(zip(length.tolist(), toks.tolist(), lps.tolist())):
-        ids = t_[:int(n_)]
-        out.append(Completion(chunk[b], tok.decode(ids, skip_special_tokens=True),
-                              enc["input_ids"][row[b]][pmask[row[b]]].tolist(), ids, int(n_) < max_new_tokens or
-                              ids[-1] in stops.tolist(), l_[:int(n_)]))
+                              enc["input_ids"][p][pmask[p]].tolist(), ids, f_, l_[:int(n_)]))
     return out
 
 
@@ -523,51 +386,6 @@ class VLLMSampler:
 
 
 # -----------------------------------------------------------------------------
-# Teacher sampling with rejection (SOAR step 1)
-
-class TeacherSamplingError(RuntimeError):
-    pass
-
-
-def sample_teacher_datasets(model, tok, g, n, style="math", temperature=1.0, top_p=1.0, max_new_tokens=512,
-                            batch_size=64, max_rounds=20, verifier=None, reject_path=None, sampler=None):
-    """Sample until g*n valid teacher completions exist; return (datasets, stats).
-
-    datasets[k] is a list of n (Completion, question, answer). Invalid completions are
-    dropped and resampled, so every dataset in the RLOO group is complete and the
-    advantages still sum to zero. Gives up after max_rounds batches, writing the
-    rejected samples to reject_path for inspection."""
-    verifier = verifier or get_verifier()
-    prompt = teacher_prompt(style)
-    valid, rejected, drawn = [], [], 0
-    need = g * n
-    for _ in range(max_rounds):
-        want = max(batch_size, need - len(valid))
-        if sampler is not None:
-            comps = sampler([prompt], n=want, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        else:
-            comps = sample(model, tok, [prompt], n=want, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
-        drawn += len(comps)
-        for c in comps:
-            qa = parse_teacher(c.text, verifier) if c.finished else None
-            (valid.append((c,) + qa) if qa else rejected.append(c.text))
-        if len(valid) >= need:
-            break
-    if reject_path and rejected:
-        with open(reject_path, "a") as f:
-            for t in rejected:
-                f.write(json.dumps({"rejected": t}) + "\n")
-    if len(valid) < need:
-        raise TeacherSamplingError(
-            f"teacher produced only {len(valid)} valid of {need} needed completions in {drawn} samples"
-            + (f"; rejected samples saved to {reject_path}" if reject_path else ""))
-    valid = valid[:need]
-    stats = dict(drawn=drawn, rejected=len(rejected), rejection_rate=len(rejected) / drawn)
-    return [valid[k * n:(k + 1) * n] for k in range(g)], stats
-
-
-# -----------------------------------------------------------------------------
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -585,7 +403,7 @@ def main(argv=None):
     tok, model = load_tokenizer(a.model), load_model(a.model)
     prompt = teacher_prompt(style) if a.role == "teacher" else student_prompt(a.question, style)
     for c in sample(model, tok, [prompt], n=a.n, temperature=a.temperature, max_new_tokens=a.max_new_tokens):
-        parsed = parse_teacher(c.text, get_verifier()) if a.role == "teacher" else last_boxed(c.text)
+        parsed = parse_teacher(c.text) if a.role == "teacher" else last_boxed(c.text)
         print(json.dumps({"completion": c.text, "parsed": parsed}))
 
 

@@ -32,10 +32,11 @@ import time
 import numpy as np
 import torch
 
-from evaluate import diversity, greedy_accuracy, load_problems
-from generate import TeacherSamplingError, get_verifier, load_model, load_tokenizer, sample_teacher_datasets
+from evaluate import diversity, get_verifier, greedy_accuracy, load_problems
+from generate import load_model, load_tokenizer
 from train_student import RLConfig, frozen_copy, make_optimizer
-from train_teacher import grounded_rewards, learnability_rewards, teacher_step
+from train_teacher import (TeacherSamplingError, grounded_rewards, learnability_rewards, sample_teacher_datasets,
+                           teacher_step)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -73,8 +73,8 @@ def test_parse_teacher_accepts_and_rejects():
     assert parse_teacher(ok) == ("What is 1+1?", "2")
     # the paper's closing question tag has no slash
     assert parse_teacher(r"<question>What is 2+2?<question><answer>\boxed{4}</answer>") == ("What is 2+2?", "4")
-    v = generate.Verifier()
-    assert parse_teacher(ok, v) == ("What is 1+1?", "2")
+    v = evaluate.Verifier()
+    assert evaluate.teacher_pair(ok, v) == ("What is 1+1?", "2")
     bad = [
         r"<question>Q?</question>",                                  # no answer tags
         r"<answer>\boxed{2}</answer><question>Q?</question>",        # answer before question
@@ -84,11 +84,11 @@ def test_parse_teacher_accepts_and_rejects():
         r"<question> </question><answer>\boxed{2}</answer>",         # empty question
     ]
     for b in bad:
-        assert parse_teacher(b, check_math=False) is None, b
-    # an answer Math-Verify cannot parse is rejected (unless that check is switched off)
+        assert parse_teacher(b) is None, b
+    # an answer Math-Verify cannot parse has the format but is not valid
     unparseable = r"<question>Q?</question><answer>\boxed{\\}</answer>"
-    assert parse_teacher(unparseable, check_math=False) is not None
-    assert parse_teacher(unparseable, v) is None and parse_teacher(unparseable) is None
+    assert parse_teacher(unparseable) is not None
+    assert evaluate.teacher_pair(unparseable, v) is None and evaluate.teacher_pair(unparseable) is None
     v.close()
 
 
@@ -114,7 +114,7 @@ def test_shaped_reward_cases():
 
 
 def test_verifier_time_bound_off_main_thread():
-    v = generate.Verifier(timeout=1.0)
+    v = evaluate.Verifier(timeout=1.0)
     assert v.equal("2", "2") and not v.equal("2", "3")  # warm the child
     hostile = ["9^{9^{9^{9^{9}}}}", "100000!", "{" * 500, "1" * 100_000, "__import__('os').system('echo pwned')"]
     results = {}
@@ -338,12 +338,12 @@ def test_teacher_rejection_sampling(monkeypatch):
     def fake_sample(model, tok, prompts, n=1, **kw):
         return [Completion(prompts[0], next(texts), [0], [1, 2], True) for _ in range(n)]
 
-    monkeypatch.setattr(generate, "sample", fake_sample)
-    ds, st = generate.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4)
+    monkeypatch.setattr(train_teacher, "sample", fake_sample)
+    ds, st = train_teacher.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4)
     assert [len(d) for d in ds] == [3, 3] and st["rejection_rate"] == pytest.approx(0.5)
     texts = iter(["junk"] * 100)
-    with pytest.raises(generate.TeacherSamplingError, match="0 valid of 6"):
-        generate.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4, max_rounds=3)
+    with pytest.raises(train_teacher.TeacherSamplingError, match="0 valid of 6"):
+        train_teacher.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4, max_rounds=3)
 
 
 def test_hf_sampling_returns_eos_terminated_ids(tiny_loaded):
@@ -490,7 +490,7 @@ def test_toy_task():
     assert task.solve("3+") is None and task.difficulty("3+4*2") == 2
     q = "9*9-1"
     assert evaluate.grade(task.student_completion(q), task.solve(q)[1])
-    assert parse_teacher(task.teacher_completion(q), generate.get_verifier()) == (q, "10")
+    assert evaluate.teacher_pair(task.teacher_completion(q)) == (q, "10")
 
 
 def test_toy_tokenizer_round_trips(tiny):
@@ -512,7 +512,7 @@ def tiny_soar_args(model, hard, out, steps=2):
 def nudged_soar_main(args):
     """soar.main with a random tiny model, which almost never writes a valid teacher completion:
     every other teacher sample is replaced by a well-formed one (seeded, so runs repeat)."""
-    real = generate.sample
+    real = train_teacher.sample
 
     def nudged(model, tok, prompts, n=1, **kw):
         out = real(model, tok, prompts, n=n, **kw)
@@ -522,11 +522,11 @@ def nudged_soar_main(args):
                 c.text, c.finished = task.teacher_completion(q), True
         return out
 
-    generate.sample = nudged
+    train_teacher.sample = nudged
     try:
         soar.main(args)
     finally:
-        generate.sample = real
+        train_teacher.sample = real
 
 
 def test_soar_end_to_end(tiny, tmp_path):
@@ -590,7 +590,7 @@ REAL = ["math500.jsonl", "aime24.jsonl", "amc23.jsonl", "olympiadbench.jsonl"]
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (real benchmark files) is not present")
 def test_real_answers_grade_against_themselves():
-    v = generate.Verifier(timeout=5.0)
+    v = evaluate.Verifier(timeout=5.0)
     failures, total = [], 0
     for name in REAL:
         for p in evaluate.load_problems(os.path.join(SHARED, name)):

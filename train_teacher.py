@@ -11,7 +11,7 @@ The teacher then takes one policy-gradient step with RLOO over the g datasets:
 A_k = R_k - mean_{j != k} R_j, and every one of the n completions in X_k gets A_k.
 The update reuses train_student.policy_gradient_step, so there is one PG code path.
 
-Also here: the intrinsic "learnability" reward (a baseline of the paper), mean over
+Also here: the teacher's rejection sampling (SOAR step 1), and the intrinsic "learnability" reward (a baseline of the paper), mean over
 the dataset's questions of 0 if the student's success rate s_i is 0, else 1 - s_i.
 
 Run alone it scores one teacher-sampled group of datasets and updates the teacher once:
@@ -27,11 +27,61 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evaluate import grade, greedy_accuracy, load_problems
-from generate import load_model, load_tokenizer, sample, sample_teacher_datasets, student_prompt
+from evaluate import get_verifier, grade, greedy_accuracy, load_problems, teacher_pair
+from generate import load_model, load_tokenizer, sample, student_prompt, teacher_prompt
 from train_student import (Episode, RLConfig, frozen_copy, make_optimizer, policy_gradient_step, rloo_advantages,
                            train)
 
+
+# -----------------------------------------------------------------------------
+# Teacher sampling with rejection (SOAR step 1)
+
+
+class TeacherSamplingError(RuntimeError):
+    pass
+
+
+def sample_teacher_datasets(model, tok, g, n, style="math", temperature=1.0, top_p=1.0, max_new_tokens=512,
+                            batch_size=64, max_rounds=20, verifier=None, reject_path=None, sampler=None):
+    """Sample until g*n valid teacher completions exist; return (datasets, stats).
+
+    datasets[k] is a list of n (Completion, question, answer). Invalid completions are
+    dropped and resampled, so every dataset in the RLOO group is complete and the
+    advantages still sum to zero. Valid: evaluate.teacher_pair (tags, \\boxed{}, Math-Verify
+    parses), whether or not the completion reached the token limit. Gives up after max_rounds batches, writing the
+    rejected samples to reject_path for inspection."""
+    verifier = verifier or get_verifier()
+    prompt = teacher_prompt(style)
+    valid, rejected, drawn = [], [], 0
+    need = g * n
+    for _ in range(max_rounds):
+        want = max(batch_size, need - len(valid))
+        if sampler is not None:
+            comps = sampler([prompt], n=want, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
+        else:
+            comps = sample(model, tok, [prompt], n=want, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+        drawn += len(comps)
+        for c in comps:
+            qa = teacher_pair(c.text, verifier)
+            (valid.append((c,) + qa) if qa else rejected.append(c.text))
+        if len(valid) >= need:
+            break
+    if reject_path and rejected:
+        with open(reject_path, "a") as f:
+            for t in rejected:
+                f.write(json.dumps({"rejected": t}) + "\n")
+    if len(valid) < need:
+        raise TeacherSamplingError(
+            f"teacher produced only {len(valid)} valid of {need} needed completions in {drawn} samples"
+            + (f"; rejected samples saved to {reject_path}" if reject_path else ""))
+    valid = valid[:need]
+    stats = dict(drawn=drawn, rejected=len(rejected), rejection_rate=len(rejected) / drawn)
+    return [valid[k * n:(k + 1) * n] for k in range(g)], stats
+
+
+# -----------------------------------------------------------------------------
+# Grounded rewards (SOAR steps 3 and 5)
 
 @dataclass
 class DatasetResult:

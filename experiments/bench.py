@@ -33,9 +33,8 @@ import torch
 
 import generate
 import train_student
-from evaluate import shaped_reward
 from generate import load_model, load_tokenizer, student_prompt
-from toy import task
+from experiments.bench_trl import workload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_COMMIT = "333b3a2"
@@ -84,11 +83,9 @@ def median_after_first(xs):
     return statistics.median(xs[1:]) if len(xs) > 1 else xs[0]
 
 
-def toy_workload(seed=0, questions=8):
-    """The 8 x 8 workload: toy chains at L = 7-8, a fresh set per step drawn from a pool."""
-    pool = task.problems(64, 7, seed) + task.problems(64, 8, seed)
-    random.Random(seed).shuffle(pool)
-    return [(p["problem"], p["answer"]) for p in pool]
+def toy_workload(steps, seed=0):
+    """(prompt, answer) pairs, 8 per step, 4 at L = 7 and 4 at L = 8: the same list TRL gets."""
+    return [(r["prompt"], r["answer"]) for r in workload(steps, seed)]
 
 
 # ----------------------------------------------------------------------------- 0. the machine
@@ -163,7 +160,9 @@ def project_student_steps(steps=6, seed=0, micro_batch=None):
         new_step()
         torch.manual_seed(seed)
         last[0] = time.perf_counter()
-        train_student.train(model, tok, toy_workload(seed), steps, cfg, random.Random(seed), on_step=on_step)
+        rows = toy_workload(steps, seed)  # prompts; train() wants the questions back
+        batches = [[(p[len("User: "):-len(" Assistant:")], a) for p, a in rows[8 * s:8 * s + 8]] for s in range(steps)]
+        train_student.train(model, tok, lambda step: batches[step], steps, cfg, random.Random(seed), on_step=on_step)
     finally:
         for k, f in real.items():
             setattr(train_student, k, f)
@@ -179,7 +178,7 @@ def project_student_steps(steps=6, seed=0, micro_batch=None):
 def trl_student_steps(steps=6, seed=0):
     """TRL's RLOOTrainer on the same work (see experiments/bench_trl.py); None if trl is missing."""
     try:
-        import trl  # noqa: F401
+        import trl  # noqa: F401  (installed?)
     except ImportError:
         return None
     from experiments.bench_trl import trl_step_seconds
@@ -213,7 +212,7 @@ def sampling_bench(reps=3, seed=0):
     tok, model = load_tokenizer(os.path.join(ROOT, "toy", "model")), load_model(os.path.join(ROOT, "toy", "model"))
     model.eval()
     stops = generate.stop_ids(model, tok)
-    prompts = [student_prompt(q, "toy") for q, _ in toy_workload(seed)[:8]]
+    prompts = [p for p, _ in toy_workload(1, seed)]
     res = {"project": [], "generate": []}
     for r in range(reps):  # interleaved, so both see the same machine
         torch.manual_seed(seed + r)

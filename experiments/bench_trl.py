@@ -26,20 +26,16 @@ Trainer's loop on_step_begin comes after the batch of prompts is fetched and bef
 training_step (whose _prepare_inputs generates and scores), and on_step_end comes after the
 optimiser step; logging happens after on_step_end, outside the measured window.
 
-trl is imported inside trl_step_seconds only, so this module imports without it. The reward
-starts a Math-Verify child process (multiprocessing spawn), hence the __main__ guard below.
+trl is imported inside trl_step_seconds only, so this module imports without it. 
 """
 import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 QUESTIONS_PER_STEP = 8
 GROUP = 8                 # RLOO group = TRL num_generations
@@ -57,7 +53,7 @@ def shaped_reward(completions, answer, **kwargs):
     return [reward(c, a) for c, a in zip(completions, answer)]
 
 
-def _prompts(steps, seed):
+def workload(steps, seed):
     """steps * 8 records {prompt, answer}, L=7 and L=8 alternating, so that each consecutive
     block of 8 (one step, with an unshuffled sampler) holds 4 questions of each level.
 
@@ -107,7 +103,7 @@ def trl_step_seconds(model_dir="toy/model", steps=6, seed=0):
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    dataset = Dataset.from_list(_prompts(steps, seed))
+    dataset = Dataset.from_list(workload(steps, seed))
 
     out_dir = tempfile.mkdtemp(prefix="bench_trl_")
     args = RLOOConfig(

@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import checkpoint_step, load_data, pass_at_k_table, success_counts  # noqa: E402
-from generate import load_model, load_tokenizer, sample_teacher_datasets  # noqa: E402
+from generate import load_model, load_tokenizer  # noqa: E402
 from train_student import RLConfig, train  # noqa: E402
+from train_teacher import sample_teacher_datasets  # noqa: E402
 
 KS = (1, 4, 8, 16, 32)
 

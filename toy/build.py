@@ -141,7 +141,8 @@ def edge(a):
     """Print the student's skill by difficulty (sampled at T=1 and greedy) and the teacher
     format's validity and answer accuracy: where the edge of learnability is."""
     import evaluate
-    from generate import get_verifier, load_model, load_tokenizer, parse_teacher, sample
+    from evaluate import teacher_pair
+    from generate import load_model, load_tokenizer, sample
 
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -156,7 +157,7 @@ def edge(a):
                      "solved_any": sum(c > 0 for c in counts) / len(probs)})
         print(json.dumps(rows[-1]), flush=True)
     comps = sample(model, tok, [teacher_prompt("toy")], n=a.teacher_samples, max_new_tokens=200, batch_size=128)
-    parsed = [parse_teacher(c.text, get_verifier()) for c in comps]
+    parsed = [teacher_pair(c.text) for c in comps]
     ok = [p for p in parsed if p]
     by_L = {}
     for q, ans in ok:
