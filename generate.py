@@ -226,23 +226,35 @@ def _cat(*ts):
 
 
 def lean_weights(model, max_len):
-    """The model's weights in the loop's layout, read once per sampling call (they are views or
-    small copies; the model is not changed), and RoPE's cos/sin for positions 0..max_len-1."""
-    m = model.model
+    """The model's weights in the loop's layout, read once per call (the model is not changed),
+    and RoPE's cos/sin for positions 0..max_len-1. q|k|v and gate|up are stacked so each is one
+    matmul, and the attention scale 1/sqrt(head_dim) is folded into q's rows (RoPE is linear)."""
+    m, cfg = model.model, model.config
+    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, m.layers[0].self_attn.head_dim
+    scale = torch.cat([torch.full((nh * hd,), hd ** -0.5), torch.ones(2 * nkv * hd)]).to(m.embed_tokens.weight)
+
+    def stack(mods, s=None):
+        w, b = torch.cat([x.weight for x in mods]), _cat(*[x.bias for x in mods])
+        return (w, b) if s is None else (w * s[:, None], None if b is None else b * s)
+
     layers = [dict(ln1=(l.input_layernorm.weight, l.input_layernorm.variance_epsilon),
                    ln2=(l.post_attention_layernorm.weight, l.post_attention_layernorm.variance_epsilon),
-                   qkv=(torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]),
-                        _cat(l.self_attn.q_proj.bias, l.self_attn.k_proj.bias, l.self_attn.v_proj.bias)),
+                   qkv=stack([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], scale),
                    o=(l.self_attn.o_proj.weight, l.self_attn.o_proj.bias),
-                   gu=(torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]),
-                       _cat(l.mlp.gate_proj.bias, l.mlp.up_proj.bias)),
+                   gu=stack([l.mlp.gate_proj, l.mlp.up_proj]),
                    down=(l.mlp.down_proj.weight, l.mlp.down_proj.bias), act=l.mlp.act_fn) for l in m.layers]
     pos = torch.arange(max_len, device=model.device)[None]
     cos, sin = m.rotary_emb(m.embed_tokens.weight[:1, None], pos)  # HF's own RoPE, any rope_type
-    a = m.layers[0].self_attn
-    heads = (model.config.num_attention_heads, model.config.num_key_value_heads, a.head_dim)
-    return dict(layers=layers, cos=cos[0], sin=sin[0], heads=heads, embed=m.embed_tokens.weight,
+    return dict(layers=layers, cos=cos[0], sin=sin[0], heads=(nh, nkv, hd), embed=m.embed_tokens.weight,
                 norm=(m.norm.weight, m.norm.variance_epsilon), lm_head=model.lm_head.weight)
+
+
+def _plus_linear(h, x, wb):
+    """h + linear(x): one fused addmm when there is no bias."""
+    w, b = wb
+    if b is not None:
+        return h + F.linear(x, w, b)
+    return torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), w.t()).view(h.shape)
 
 
 def lean_hidden(w, ids, pos, cache, t0, mask):
@@ -259,16 +271,16 @@ def lean_hidden(w, ids, pos, cache, t0, mask):
         qkv = F.linear(x, *L["qkv"]).view(B, T, nh + 2 * nkv, hd)
         qk, v = qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:]
         x1, x2 = qk.chunk(2, -1)
-        qk = qk * cos + torch.cat((-x2, x1), -1) * sin  # RoPE on queries and keys at once
+        qk = torch.addcmul(qk * cos, torch.cat((-x2, x1), -1), sin)  # RoPE on queries and keys at once
         K[:, :, t0:t0 + T], V[:, :, t0:t0 + T] = qk[:, :, nh:].transpose(1, 2), v.transpose(1, 2)
         q, k, v = qk[:, :, :nh].transpose(1, 2), K[:, :, :t0 + T], V[:, :, :t0 + T]
         if nkv != nh:
             k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
         # plain matmuls, not SDPA's kernel: on CPU they read the cache ~1.5x faster at one query per row
-        o = torch.softmax((q @ k.transpose(-1, -2)) * hd ** -0.5 + mask, -1) @ v
-        h = h + F.linear(o.transpose(1, 2).reshape(B, T, nh * hd), *L["o"])
+        o = torch.softmax(q @ k.transpose(-1, -2) + mask, -1) @ v
+        h = _plus_linear(h, o.transpose(1, 2).reshape(B, T, nh * hd), L["o"])
         g, u = F.linear(F.rms_norm(h, h.shape[-1:], *L["ln2"]), *L["gu"]).chunk(2, -1)
-        h = h + F.linear(L["act"](g) * u, *L["down"])
+        h = _plus_linear(h, L["act"](g) * u, L["down"])
     return F.rms_norm(h, h.shape[-1:], *w["norm"])
 
 

@@ -229,7 +229,8 @@ def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False)
         adv = rloo_advantages(rewards.view(len(batch), cfg.group)).flatten()
         eps = [Episode(c.prompt_ids, c.ids, r.item(), a.item()) for c, r, a in zip(comps, rewards, adv)]
         flat = rewards.view(len(batch), cfg.group)
-        stats = policy_gradient_step(model, opt, eps, cfg, tok.pad_token_id, ref, sched)
+        # at step 0 the policy is the reference: the k3 KL and its gradient are exactly 0, so skip its forward
+        stats = policy_gradient_step(model, opt, eps, cfg, tok.pad_token_id, ref if step > 0 else None, sched)
         stats.update(step=step, reward=rewards.mean().item(), accuracy=(rewards == 120.0).float().mean().item(),
                      zero_signal_groups=int((flat.max(1).values == flat.min(1).values).sum()), lr=sched.get_last_lr()[0])
         if on_step:

@@ -97,7 +97,7 @@ def trl_step_seconds(model_dir="toy/model", steps=6, seed=0):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from generate import get_verifier
+    from evaluate import get_verifier
 
     path = _resolve(model_dir)
     torch.manual_seed(seed)
