@@ -46,7 +46,7 @@ PRESETS = {
         model=os.path.join(HERE, "toy", "model"), style="toy",
         hard_train=os.path.join(HERE, "toy", "hard", "train.jsonl"),
         hard_test=os.path.join(HERE, "toy", "hard", "test.jsonl"),
-        steps=4, g=4, n=16, r=1, m=32, tau=0.01, window=3,
+        steps=6, g=4, n=16, r=1, m=32, tau=0.01, window=3,
         inner_steps=20, inner_steps_inc=5, inner_steps_max=30,
         teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=160, sample_batch=64,
         student_lr=1e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=120,
@@ -168,6 +168,30 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+def rng_state():
+    """Python, NumPy and torch RNG states as tensors and plain types (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                torch=torch.get_rng_state())
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+
+
+def load_checkpoint(path):
+    """A run directory is data, never code: the checkpoint is read with weights_only=True, so a
+    file holding anything but tensors and plain types is refused before any of it runs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends: say what and where, run nothing
+        sys.exit(f"error: {path} is not a checkpoint this program wrote (it holds objects other than tensors "
+                 f"and plain types, which are never unpickled): {str(e).splitlines()[0]}")
+
+
 def save_model(model, tok, path):
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -210,15 +234,13 @@ def main(argv=None):
                     sample_batch=cfg["sample_batch"], style=cfg["style"])
     state = dict(step=0, history=[], window=[], promotions=0, inner_steps=cfg["inner_steps"], pq=[])
     if cfg.get("resume") and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         teacher.load_state_dict(ck["teacher"])
         student.load_state_dict(ck["student"])
         t_opt.load_state_dict(ck["teacher_opt"])
         t_sched.load_state_dict(ck["teacher_sched"])
         state = ck["state"]
-        random.setstate(ck["rng_python"])
-        np.random.set_state(ck["rng_numpy"])
-        torch.set_rng_state(ck["rng_torch"])
+        set_rng_state(ck["rng"])
         print(f"resumed {out} at step {state['step']}")
     if cfg.get("resume"):  # logs may hold lines (or a torn line) from after the checkpoint: cut them back
         for name in ("metrics.jsonl", "teacher_samples.jsonl"):
@@ -299,8 +321,7 @@ def main(argv=None):
             state["step"] = t + 1
             atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(),
                              teacher_opt=t_opt.state_dict(), teacher_sched=t_sched.state_dict(), state=state,
-                             rng_python=random.getstate(), rng_numpy=np.random.get_state(),
-                             rng_torch=torch.get_rng_state()), ckpt_path)
+                             rng=rng_state()), ckpt_path)
             tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
                        f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
                        f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))

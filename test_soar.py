@@ -135,6 +135,29 @@ def test_verifier_time_bound_off_main_thread():
     v.close()
 
 
+def test_grade_works_from_an_unguarded_script(tmp_path):
+    # no `if __name__ == "__main__":` guard: the verifier's child must not re-run this script
+    script = tmp_path / "two_lines.py"
+    script.write_text("from evaluate import grade\nprint(grade('so \\\\boxed{\\\\frac{1}{2}}', '0.5'))\n")
+    import subprocess
+    import sys
+
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(script)], cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "True", p.stderr[-500:]
+    assert time.time() - t0 < 60
+
+
+def test_verifier_child_that_dies_while_starting_is_reported_at_once(monkeypatch):
+    monkeypatch.setattr(evaluate, "_CHILD", "import sys; sys.exit('math_verify is broken here')")
+    v = evaluate.Verifier()
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="died while starting: math_verify is broken here"):
+        v.equal("1", "2")
+    assert time.time() - t0 < 10
+
+
 def test_pass_at_k_closed_form():
     assert evaluate.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)
     assert evaluate.pass_at_k(10, 0, 4) == 0.0
@@ -549,6 +572,29 @@ def test_soar_end_to_end(tiny, tmp_path):
     with pytest.raises(SystemExit):
         soar.parse_args(["--resume", str(out), "--g", "3"])
     assert soar.parse_args(["--resume", str(out), "--steps", "3"])["steps"] == 3
+
+
+class _Planted:
+    """What a hostile checkpoint holds: unpickling it would run os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_that_holds_code(tiny, tmp_path):
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    out = tmp_path / "run"
+    nudged_soar_main(tiny_soar_args(tiny, hard, out, steps=1))
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # what it wrote loads without unpickling code
+    assert set(ck) == {"teacher", "student", "teacher_opt", "teacher_sched", "state", "rng"}
+    marker = tmp_path / "pwned"
+    torch.save({"teacher": _Planted(marker)}, out / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint this program wrote"):
+        soar.main(["--resume", str(out), "--steps", "2"])
+    assert not marker.exists()
 
 
 def test_kill_and_resume_repeats_the_run(tiny, tmp_path):
