@@ -6,7 +6,7 @@ Everything the other stages need to turn a model into text and text back into
 
     load_model / load_tokenizer   any Hugging Face causal LM, by local dir or hub name
     teacher_prompt / student_prompt   the two prompt formats of the SOAR paper
-    sample / greedy               batched sampling: a lean decode loop for Llama models, HF `generate` otherwise
+    sample / greedy               batched sampling: a lean decode loop for Llama models, else HF `generate`
     VLLMSampler                   the same interface on vLLM (GPU users; imported only if asked)
     last_boxed / parse_teacher    text parsing (nested braces, the teacher's tag format)
 
@@ -15,8 +15,8 @@ Run alone it samples from a model, e.g.
     python generate.py --model toy/model --role teacher --n 8
     python generate.py --model toy/model --role student --question "3+4*2" --n 4
 
-Simplifications: one process, one device; the HF backend samples with a KV
-cache but no paged attention; seeds are set once per call so a CPU run repeats.
+Simplifications: one process, one device; a preallocated KV cache per call, no paged
+attention; seeds are set once per call so a CPU run repeats.
 """
 import argparse
 import json

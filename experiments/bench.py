@@ -17,7 +17,7 @@ and reported as a ratio (absolute seconds vary between machines and between runs
              teacher sampling, baseline greedy evaluation, inner sampling, grading, inner updates (the
              reference forward for the KL included), inner greedy evaluations, teacher update,
              checkpoint write; seconds, shares and the peak resident memory.
-4. old       the same outer step at commit 333b3a2 (checked out into a git worktree under --out),
+4. old       the same outer step at commit 333b3a2 (checked out into a git worktree, runs/old-333b3a2),
              alternating with 3. in this run; each keeps its fastest of --outer-repeats runs.
 """
 import argparse
@@ -251,9 +251,9 @@ def outer_step(checkout):
     return json.loads(line[len("PROBE"):])
 
 
-def old_checkout(out):
-    """A git worktree of OLD_COMMIT under out/ (made once, reused)."""
-    path = os.path.join(out, f"old-{OLD_COMMIT}")
+def old_checkout():
+    """A git worktree of OLD_COMMIT under runs/ (made once, reused; never among the results)."""
+    path = os.path.join(ROOT, "runs", f"old-{OLD_COMMIT}")
     if not os.path.isdir(path):
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", os.path.abspath(path), OLD_COMMIT],
                        check=True, capture_output=True)
@@ -319,7 +319,7 @@ def main(argv=None):
     ap.add_argument("--outer-repeats", type=int, default=2,
                     help="runs of each outer step, alternating old and new; the fastest counts (default 2)")
     ap.add_argument("--out", default=os.path.join("runs", "bench"),
-                    help="where bench.json, bench.md and the old commit's worktree go (default runs/bench)")
+                    help="where bench.json and bench.md go (default runs/bench)")
     a = ap.parse_args(argv)
     parts = set(a.only.split(","))
     unknown = parts - {"student", "sampling", "outer", "old"}
@@ -342,7 +342,7 @@ def main(argv=None):
             if key in parts:
                 print(f"{'4. outer step at ' + OLD_COMMIT if key == 'old' else '3. outer step now'} "
                       f"(run {r + 1} of {a.outer_repeats}) ...", flush=True)
-                runs[key].append(outer_step(old_checkout(a.out) if key == "old" else ROOT))
+                runs[key].append(outer_step(old_checkout() if key == "old" else ROOT))
     for key, rs in runs.items():
         if rs:
             res[key] = dict(min(rs, key=lambda x: x["step_seconds"]), all_step_seconds=[x["step_seconds"] for x in rs])

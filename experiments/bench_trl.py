@@ -242,7 +242,7 @@ def trl_step_seconds(model_dir="toy/model", steps=6, seed=0):
     config["optim"] = str(args.optim.value if hasattr(args.optim, "value") else args.optim)
     config["lr_scheduler_type"] = str(getattr(config["lr_scheduler_type"], "value", config["lr_scheduler_type"]))
     config["reference_model"] = trainer.ref_model is not None
-    config["model_dir"] = path
+    config["model_dir"] = os.path.relpath(path, ROOT)  # result files record paths relative to the repository
     config["questions_per_step"] = QUESTIONS_PER_STEP
     config["levels"] = list(LEVELS)
     return {
