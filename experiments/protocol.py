@@ -1,5 +1,5 @@
 """
-experiments/protocol.py -- the paper's evaluation protocol (SOAR.md), one command per method.
+experiments/protocol.py -- the SOAR paper's evaluation protocol (arXiv 2601.18778), one command per method.
 
     # pass@k, k in 1,4,8,16,32, from 32 samples per D_test problem, for any model
     python experiments/protocol.py passk --model toy/model --test toy/hard/test.jsonl
@@ -83,10 +83,16 @@ def write(out, result, curve=None, **info):
     print(json.dumps({**info, **result}))
 
 
+def default_out(method, model, seed):
+    """runs/protocol/<method>-<model's directory name>-seed<S>: results never land in a model directory."""
+    return os.path.join("runs", "protocol", f"{method}-{os.path.basename(os.path.normpath(model))}-seed{seed}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("method", choices=["passk", "ps", "pq", "teacher", "hard-only"])
-    ap.add_argument("--out", help="result directory (default: beside the input)")
+    ap.add_argument("--out", help="result directory (default: inside the run directory for ps / pq, else "
+                                  "runs/protocol/<method>-<model name>-seed<S>; never inside a model directory)")
     ap.add_argument("--seed", type=int, default=0)
     g = ap.add_argument_group("inputs")
     g.add_argument("--model", help="passk: the model to measure")
@@ -128,7 +134,7 @@ def main(argv=None):
             ap.error("passk needs --model")
         torch.manual_seed(a.seed)
         tok, model = load_tokenizer(a.model), load_model(a.model)
-        write(a.out or os.path.join(a.model, "passk"), passk(model, tok, test, style, a.samples, a.max_new_tokens),
+        write(a.out or default_out("passk", a.model, a.seed), passk(model, tok, test, style, a.samples, a.max_new_tokens),
               model=a.model, **info)
     elif a.method == "ps":
         ps = os.path.join(a.run, "ps")
@@ -155,7 +161,7 @@ def main(argv=None):
         del teacher
         synthetic = [(q, ans) for _, q, ans in data]
         result, curve = fresh_student(base, synthetic, real, a.mode, a, test, style)
-        out = a.out or os.path.join(a.teacher.rstrip("/") + "-eval")
+        out = a.out or default_out("teacher", a.teacher, a.seed)
         write(out, result, curve, teacher=a.teacher, mode=a.mode, rejection_rate=st["rejection_rate"], **info)
         with open(os.path.join(out, "questions.jsonl"), "w") as f:
             for q, ans in synthetic:

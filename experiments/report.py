@@ -1,13 +1,15 @@
 """
 experiments/report.py -- the paper-style table and plots from result directories.
 
-    python experiments/report.py --root runs/toy_table
+    python experiments/report.py --root runs/toy_table                            # -> runs/toy_table/report/
+    python experiments/report.py --root runs/toy_table --out experiments/results  # regenerate the committed files
 
-Reads ROOT/<method>-seed<S>/result.json (pass@k) and ROOT/soar-seed<S>/metrics.jsonl, and writes
-    experiments/results/toy_table.md   pass@k per method, mean +- SD over seeds
-    experiments/results/toy_table.json the same numbers, per seed
-    experiments/results/*.png           teacher reward (with moving average and promotions),
-                                        pass@k curves, teacher question difficulty by promotion stage
+Reads ROOT/<method>-seed<S>/result.json (pass@k) and ROOT/soar-seed<S>/metrics.jsonl, and writes to OUT
+    toy_table.md    pass@k per method, mean +- SD over seeds
+    toy_table.json  the same numbers, per seed
+    *.png           teacher reward (with moving average and promotions), pass@k curves,
+                    teacher question difficulty by promotion stage
+The committed experiments/results/ were made with the second command.
 matplotlib is needed for the plots only (pip install matplotlib); without it only the table is written.
 """
 import argparse
@@ -17,7 +19,6 @@ import os
 import re
 import statistics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 KS = (1, 4, 8, 16, 32)
 METHODS = [("base", "base model"), ("hard-only", "Hard-Only"), ("soar-ps", "SOAR-PS"), ("soar-pq", "SOAR-PQ"),
            ("grounded-t", "Grounded-T"), ("base-t", "Base-T"), ("intrinsic-t", "Intrinsic-T")]
@@ -203,10 +204,13 @@ def plots(root, res, out_dir):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=os.path.join("runs", "toy_table"))
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--name", default="toy_table")
+    ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
+                    help="directory of the sweep's result directories (default: %(default)s)")
+    ap.add_argument("--out", help="where the table and plots go (default: ROOT/report; the committed copies "
+                                  "are made with --out experiments/results)")
+    ap.add_argument("--name", default="toy_table", help="file name stem of the table (default: %(default)s)")
     a = ap.parse_args(argv)
+    a.out = a.out or os.path.join(a.root, "report")
     res = collect(a.root)
     if not res:
         raise SystemExit(f"error: no */result.json under {a.root}")

@@ -8,8 +8,9 @@ experiments/toy_table.py -- the paper's comparison on the toy world, end to end.
 For each seed: SOAR (grounded teacher, promotion), Intrinsic-T (learnability reward), then
 the protocol: base model, Hard-Only, SOAR-PS, SOAR-PQ, Grounded-T, Base-T, Intrinsic-T.
 Every command is skipped when its result already exists, so an interrupted sweep continues
-where it stopped. Results go under --root (default runs/toy_table); the report script
-turns them into experiments/results/toy_table.md and the PNG plots.
+where it stopped. Results go under --root (default runs/toy_table); the report script turns
+them into ROOT/report/toy_table.md and the PNG plots (`--results experiments/results` to
+regenerate the committed copies, which is how they were made).
 """
 import argparse
 import os
@@ -51,9 +52,11 @@ def commands(root, seed, soar_steps=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default: 0 1 2)")
     ap.add_argument("--soar-steps", type=int, default=None, help="outer steps T (default: the toy preset's)")
-    ap.add_argument("--root", default=os.path.join("runs", "toy_table"))
+    ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
+                    help="where every run and result goes (default: %(default)s)")
+    ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report)")
     ap.add_argument("--dry", action="store_true", help="print the commands only")
     a = ap.parse_args(argv)
     os.chdir(HERE)
@@ -75,7 +78,8 @@ def main(argv=None):
                     sys.exit(f"failed: {' '.join(cmd)} (see {log})")
             print(f"  done, {time.time() - t0:.0f}s so far", flush=True)
     if not a.dry:
-        subprocess.run([PY, "experiments/report.py", "--root", a.root], check=True)
+        subprocess.run([PY, "experiments/report.py", "--root", a.root,
+                        "--out", a.results or os.path.join(a.root, "report")], check=True)
         print(f"total wall time: {time.time() - t0:.0f}s")
 
 

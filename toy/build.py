@@ -2,9 +2,13 @@
 Build the toy world: a byte-level tokenizer, a tiny Llama, its pretraining, and the
 hard set (found with evaluate.py's fail@k filter, not assumed).
 
-    python -m toy.build pretrain --out toy/model        # ~15 min on 2 CPU cores
+    python -m toy.build pretrain                        # one stage, ~15 min on 2 CPU cores -> runs/toy/model
     python -m toy.build edge --model toy/model          # skill by difficulty: where the edge is
-    python -m toy.build hardset --model toy/model       # fail@128 filter -> toy/hard/{train,test}.jsonl
+    python -m toy.build hardset --model toy/model       # fail@128 filter -> runs/toy/hard/{train,test}.jsonl
+
+By default nothing is written under toy/: the shipped toy/model and toy/hard are only
+replaced when --out toy/model / --out-dir toy/hard ask for it. toy/README.md gives the exact
+commands that made them (three pretraining stages, then the hard-set filter).
 
 The corpus teaches two things, in the exact prompt formats of generate.py:
   (a) solving chains in the student format, with a decaying tail of difficulty
@@ -175,34 +179,35 @@ def edge(a):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pretrain")
-    p.add_argument("--out", default="toy/model")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--save-at", type=int, nargs="*", default=[500, 750, 1000, 1250])
+    p = sub.add_parser("pretrain", help="pretrain the toy model on the corpus")
+    p.add_argument("--out", default=os.path.join("runs", "toy", "model"), help="model directory (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64, help="sequences per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine (default: %(default)s)")
+    p.add_argument("--save-at", type=int, nargs="*", default=[500, 750, 1000, 1250],
+                   help="also save OUT-step<N> at these steps (default: %(default)s)")
     p.add_argument("--init", help="continue from this checkpoint instead of a random init")
     p.add_argument("--answer-digits", type=int, default=task.ANSWER_DIGITS,
                    help="answers hold the last N running results (0: all; the first two stages used 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    h = sub.add_parser("hardset")
-    h.add_argument("--model", default="toy/model")
-    h.add_argument("--levels", type=int, nargs="+", default=[9, 10])
-    h.add_argument("--per-level", type=int, nargs="+", default=[48, 48], help="candidates per level")
-    h.add_argument("--k", type=int, default=128)
-    h.add_argument("--out-dir", default="toy/hard")
-    h.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("edge")
-    e.add_argument("--model", default="toy/model")
-    e.add_argument("--levels", type=int, nargs="+", default=list(range(3, 11)))
-    e.add_argument("--per-level", type=int, default=32)
-    e.add_argument("--samples", type=int, default=16)
-    e.add_argument("--teacher-samples", type=int, default=256)
-    e.add_argument("--out", help="also write the table here (JSON)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    h = sub.add_parser("hardset", help="the fail@k filter on fresh candidates: the hard set")
+    h.add_argument("--model", default="toy/model", help="the model to filter with (default: %(default)s)")
+    h.add_argument("--levels", type=int, nargs="+", default=[9, 10], help="difficulties L (default: %(default)s)")
+    h.add_argument("--per-level", type=int, nargs="+", default=[48, 48], help="candidates per level (default: %(default)s)")
+    h.add_argument("--k", type=int, default=128, help="samples per candidate (default: %(default)s)")
+    h.add_argument("--out-dir", default=os.path.join("runs", "toy", "hard"), help="output directory (default: %(default)s)")
+    h.add_argument("--seed", type=int, default=0, help="seed of the candidates and of the split (default: %(default)s)")
+    e = sub.add_parser("edge", help="the model's skill by difficulty L, student and teacher")
+    e.add_argument("--model", default="toy/model", help="the model to measure (default: %(default)s)")
+    e.add_argument("--levels", type=int, nargs="+", default=list(range(3, 11)), help="difficulties L (default: 3..10)")
+    e.add_argument("--per-level", type=int, default=32, help="problems per L (default: %(default)s)")
+    e.add_argument("--samples", type=int, default=16, help="student samples per problem, T = 1 (default: %(default)s)")
+    e.add_argument("--teacher-samples", type=int, default=256, help="teacher completions (default: %(default)s)")
+    e.add_argument("--out", help="also write the table here (JSON; toy/edge.json was made this way)")
+    e.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    e.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     a = ap.parse_args(argv)
     {"pretrain": pretrain, "hardset": hardset, "edge": edge}[a.cmd](a)
 
