@@ -1,6 +1,8 @@
 """
 evaluate.py -- grading and measurement: answers, rewards, accuracy, pass@k, fail@k.
 
+    Verifier / get_verifier               Math-Verify in a child process, time-bounded from any thread
+    teacher_pair(completion)              a valid teacher completion's (question, answer), else None
     grade(completion, reference)          last \\boxed{} answer equivalent to the reference (Math-Verify)
     shaped_reward(completion, reference)  the SOAR student reward 120 / 20 / 10 / 0
     greedy_accuracy(...)                  greedy 0/1 accuracy on a question set (the teacher's reward signal)
@@ -9,11 +11,13 @@ evaluate.py -- grading and measurement: answers, rewards, accuracy, pass@k, fail
 
 As a command:
 
-    # the fail@k filter: hard set split 50/50 (seeded) into DIR/train.jsonl and DIR/test.jsonl,
-    # each problem's success count in DIR/counts.jsonl (written as it goes; a rerun resumes)
-    python evaluate.py --model toy/model --data toy/hard_pool.jsonl --fail-at 128 --out DIR
-    # pass@k for k in 1,4,8,16,32 from 32 samples per problem, and greedy accuracy
-    python evaluate.py --model toy/model --data toy/hard_test.jsonl --pass-at 32
+    # the fail@k filter: hard set split 50/50 (seeded) into OUT/train.jsonl and OUT/test.jsonl,
+    # each problem's success count in OUT/counts.jsonl (written as it goes; a rerun resumes)
+    python evaluate.py --model toy/model --data toy/hard/pool.jsonl --fail-at 128 --out runs/hard
+    # pass@k for k in 1,4,8,16,32 from 32 samples per problem
+    python evaluate.py --model toy/model --data toy/hard/test.jsonl --pass-at 32
+    # greedy accuracy
+    python evaluate.py --model toy/model --data toy/hard/test.jsonl
 
 Problem files are JSONL with at least `problem` and `answer` (`id` optional).
 """
@@ -31,7 +35,7 @@ import threading
 
 import torch
 
-from generate import greedy, last_boxed, load_model, load_tokenizer, parse_teacher, sample, student_prompt
+from generate import greedy, last_boxed, load_model, load_tokenizer, model_style, parse_teacher, sample, student_prompt
 
 # -----------------------------------------------------------------------------
 # Math-Verify, time-bounded. Its own timeout uses SIGALRM, which only works on the
@@ -375,7 +379,8 @@ def main(argv=None):
     mode.add_argument("--fail-at", type=int, metavar="K", help="run the fail@K filter and write the hard split")
     mode.add_argument("--pass-at", type=int, metavar="N", help="pass@k from N samples per problem")
     ap.add_argument("--out", help="output directory (required with --fail-at)")
-    ap.add_argument("--style", choices=["math", "toy"], default=None, help="prompt wording (default: toy if 'toy' in --model)")
+    ap.add_argument("--style", choices=["math", "toy"], default=None,
+                    help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -387,7 +392,7 @@ def main(argv=None):
     for name in ("fail_at", "pass_at"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    style = a.style or ("toy" if "toy" in a.model else "math")
+    style = a.style or model_style(a.model)
     try:
         problems = load_data(a.data)
     except (ValueError, FileNotFoundError) as e:

@@ -131,6 +131,31 @@ def load_tokenizer(path):
     return tok
 
 
+STYLE_FILE = "soar.json"  # a model directory's own settings for this project: {"style": "toy"}
+
+
+def model_style(path):
+    """The prompt style a model declares in its directory's soar.json; "math" (the paper's prompts)
+    for any model without one. Never guessed from how the path is spelled."""
+    f = os.path.join(os.path.expanduser(path), STYLE_FILE)
+    if not os.path.isfile(f):
+        return "math"
+    with open(f) as fh:
+        style = json.load(fh).get("style", "math")
+    if style not in STUDENT_PROMPTS:
+        raise ValueError(f"{f}: unknown prompt style {style!r} (known: {', '.join(sorted(STUDENT_PROMPTS))})")
+    return style
+
+
+def save_model(model, tok, path, style):
+    """save_pretrained of model and tokenizer, plus the prompt style the model was trained with."""
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    if style != "math":
+        with open(os.path.join(path, STYLE_FILE), "w") as f:
+            json.dump({"style": style}, f)
+
+
 def load_model(path, dtype=None, device=None):
     """Any causal LM by local directory or hub name. A missing local path is a clear error."""
     from transformers import AutoModelForCausalLM
@@ -403,14 +428,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="local model directory or hub name")
     ap.add_argument("--role", choices=["teacher", "student"], default="teacher")
-    ap.add_argument("--style", choices=sorted(TEACHER_PROMPTS), default=None, help="prompt wording (default: toy for toy/model, else math)")
+    ap.add_argument("--style", choices=sorted(TEACHER_PROMPTS), default=None,
+                    help="prompt wording (default: the model's soar.json, else math: the paper's prompts)")
     ap.add_argument("--question", default="", help="the question, for --role student")
     ap.add_argument("--n", type=int, default=4, help="completions to draw")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    style = a.style or ("toy" if "toy" in a.model else "math")
+    style = a.style or model_style(a.model)
     torch.manual_seed(a.seed)
     tok, model = load_tokenizer(a.model), load_model(a.model)
     prompt = teacher_prompt(style) if a.role == "teacher" else student_prompt(a.question, style)

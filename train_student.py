@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from evaluate import greedy_accuracy, load_problems, shaped_reward
-from generate import fast_path_ok, lean_hidden, lean_weights, load_model, load_tokenizer, sample, student_prompt
+from generate import (fast_path_ok, lean_hidden, lean_weights, load_model, load_tokenizer, model_style, sample,
+                      save_model, student_prompt)
 
 
 @dataclass
@@ -257,11 +258,12 @@ def main(argv=None):
     g.add_argument("--group", type=int, default=8)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--style", choices=["math", "toy"], default=None)
+    g.add_argument("--style", choices=["math", "toy"], default=None,
+                    help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
     a = ap.parse_args(argv)
     if a.group < 2:
         ap.error("--group must be >= 2 for RLOO")
-    style = a.style or ("toy" if "toy" in a.model else "math")
+    style = a.style or model_style(a.model)
     cfg = RLConfig(lr=a.lr, warmup=a.warmup, kl_coef=a.kl_coef, questions=a.questions, group=a.group,
                    temperature=a.temperature, max_new_tokens=a.max_new_tokens, style=style)
     try:
@@ -290,8 +292,7 @@ def main(argv=None):
     train(model, tok, [(p["problem"], p["answer"]) for p in probs], a.steps, cfg, random.Random(a.seed), log, True)
     acc1 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
     print(f"greedy accuracy after: {acc1:.3f}")
-    model.save_pretrained(os.path.join(a.out, "model"))
-    tok.save_pretrained(os.path.join(a.out, "model"))
+    save_model(model, tok, os.path.join(a.out, "model"), style)
     with open(os.path.join(a.out, "result.json"), "w") as f:
         json.dump({"greedy_before": acc0, "greedy_after": acc1}, f)
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import checkpoint_step, load_data, pass_at_k_table, success_counts  # noqa: E402
-from generate import load_model, load_tokenizer  # noqa: E402
+from generate import load_model, load_tokenizer, model_style  # noqa: E402
 from train_student import RLConfig, train  # noqa: E402
 from train_teacher import sample_teacher_datasets  # noqa: E402
 
@@ -101,7 +101,8 @@ def main(argv=None):
     g.add_argument("--base", help="fresh students start here (default: the run's base model, else toy/model)")
     g.add_argument("--train", help="D_train JSONL (default: the run's, else toy/hard/train.jsonl)")
     g.add_argument("--test", help="D_test JSONL (default: the run's, else toy/hard/test.jsonl)")
-    g.add_argument("--style", choices=["math", "toy"], default=None)
+    g.add_argument("--style", choices=["math", "toy"], default=None,
+                    help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
     g = ap.add_argument_group("fresh students (toy defaults)")
     g.add_argument("--mode", choices=["curriculum", "mixed"], default="mixed")
     g.add_argument("--questions-from-teacher", type=int, default=128, help="valid teacher questions (teacher eval)")
@@ -123,7 +124,7 @@ def main(argv=None):
         with open(os.path.join(a.run, "config.json")) as f:
             run_cfg = json.load(f)
     base = a.base or run_cfg.get("model") or os.path.join(here, "toy", "model")
-    style = a.style or run_cfg.get("style") or ("toy" if "toy" in base else "math")
+    style = a.style or run_cfg.get("style") or model_style(base)
     train_path = a.train or run_cfg.get("hard_train") or os.path.join(here, "toy", "hard", "train.jsonl")
     test_path = a.test or run_cfg.get("hard_test") or os.path.join(here, "toy", "hard", "test.jsonl")
     test = load_data(test_path)
