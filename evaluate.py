@@ -35,7 +35,8 @@ import threading
 
 import torch
 
-from generate import greedy, last_boxed, load_model, load_tokenizer, model_style, parse_teacher, sample, student_prompt
+from generate import (STUDENT_PROMPTS, greedy, last_boxed, load_model, load_tokenizer, model_style, parse_teacher, sample,
+                      student_prompt)
 
 # -----------------------------------------------------------------------------
 # Math-Verify, time-bounded. Its own timeout uses SIGALRM, which only works on the
@@ -379,7 +380,7 @@ def main(argv=None):
     mode.add_argument("--fail-at", type=int, metavar="K", help="run the fail@K filter and write the hard split")
     mode.add_argument("--pass-at", type=int, metavar="N", help="pass@k from N samples per problem")
     ap.add_argument("--out", help="output directory (required with --fail-at)")
-    ap.add_argument("--style", choices=["math", "toy"], default=None,
+    ap.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
                     help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=1024)

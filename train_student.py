@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluate import greedy_accuracy, load_problems, shaped_reward
-from generate import (fast_path_ok, lean_hidden, lean_weights, load_model, load_tokenizer, model_style, sample,
+from generate import (STUDENT_PROMPTS, fast_path_ok, lean_hidden, lean_weights, load_model, load_tokenizer, model_style, sample,
                       save_model, student_prompt)
 
 
@@ -258,7 +258,7 @@ def main(argv=None):
     g.add_argument("--group", type=int, default=8)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--style", choices=["math", "toy"], default=None,
+    g.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
                     help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
     a = ap.parse_args(argv)
     if a.group < 2:

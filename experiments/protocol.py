@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluate import checkpoint_step, load_data, pass_at_k_table, success_counts  # noqa: E402
-from generate import load_model, load_tokenizer, model_style  # noqa: E402
+from generate import STUDENT_PROMPTS, load_model, load_tokenizer, model_style  # noqa: E402
 from train_student import RLConfig, train  # noqa: E402
 from train_teacher import sample_teacher_datasets  # noqa: E402
 
@@ -101,7 +101,7 @@ def main(argv=None):
     g.add_argument("--base", help="fresh students start here (default: the run's base model, else toy/model)")
     g.add_argument("--train", help="D_train JSONL (default: the run's, else toy/hard/train.jsonl)")
     g.add_argument("--test", help="D_test JSONL (default: the run's, else toy/hard/test.jsonl)")
-    g.add_argument("--style", choices=["math", "toy"], default=None,
+    g.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
                     help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
     g = ap.add_argument_group("fresh students (toy defaults)")
     g.add_argument("--mode", choices=["curriculum", "mixed"], default="mixed")
