@@ -216,7 +216,7 @@ def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=
 def hf_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
     """One HF `generate` call on a list of prompts (one completion each)."""
     stops = stop_ids(model, tok)
-    enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    enc = tok(chunk, return_tensors="pt", padding=True).to(model.device)  # with the tokenizer's BOS, if it has one
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                          eos_token_id=stops, **kw)
@@ -315,7 +315,7 @@ def fast_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
     stop token kept) in a plain decode loop; also returns each token's log-prob at `temperature`."""
     dev, stops = model.device, torch.tensor(stop_ids(model, tok), device=model.device)
     uniq = list(dict.fromkeys(chunk))  # prompt-major chunks: the samples of a prompt share its prefill
-    enc = tok(uniq, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+    enc = tok(uniq, return_tensors="pt", padding=True).to(dev)  # with the tokenizer's BOS, as in hf_sample
     pmask = enc["attention_mask"].bool()
     (P, Tp), Tmax, B = pmask.shape, pmask.shape[1] + max_new_tokens, len(chunk)
     w = lean_weights(model, Tmax)

@@ -199,7 +199,7 @@ def count_generated(rows, stops, limit):
 
 def plain_generate(model, tok, prompts, n, temperature, limit, greedy=False):
     flat = [p for p in prompts for _ in range(n)]
-    enc = tok(flat, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(flat, return_tensors="pt", padding=True)
     kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=limit, pad_token_id=tok.pad_token_id,
