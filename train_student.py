@@ -124,14 +124,17 @@ def shared_prompt_logprobs(model, episodes, temperature):
     causal = torch.full((Tp + Tc, Tp + Tc), float("-inf"), device=dev).triu(1)
     hp = lean_hidden(w, pad(prompts, Tp), torch.arange(Tp, device=dev).expand(P, Tp), cache, 0, causal[None, None, :Tp, :Tp])
     # 2. the completions, each after its own prompt: its prompt's keys up to the prompt's length, then its own causally
-    cache = [tuple(torch.cat([x[row], x.new_zeros(B, nkv, Tc, hd)], 2) for x in kv) for kv in cache]
+    # index_select, not x[row]: its backward (index_add) is deterministic on CPU, advanced
+    # indexing's (index_put with accumulate) is not with more than one thread
+    cache = [tuple(torch.cat([x.index_select(0, row), x.new_zeros(B, nkv, Tc, hd)], 2) for x in kv) for kv in cache]
     mask = torch.zeros(B, 1, Tc, Tp + Tc, device=dev)
     mask[:, 0, :, :Tp] = torch.where(torch.arange(Tp, device=dev)[None] < plen[row][:, None], 0.0, float("-inf"))[:, None]
     mask[:, 0, :, Tp:] = causal[Tp:, Tp:]
     pos = plen[row][:, None] + torch.arange(Tc, device=dev)
     hc = lean_hidden(w, pad([e.ids for e in episodes], Tc), pos, cache, Tp, mask)
     # 3. completion token j is predicted from the state before it: the prompt's last, then its own
-    h = torch.cat([hp[row, plen[row] - 1][:, None], hc[:, :-1]], 1)
+    last = hp.gather(1, (plen - 1)[:, None, None].expand(P, 1, hp.shape[-1])).index_select(0, row)
+    h = torch.cat([last, hc[:, :-1]], 1)
     return _token_logprobs(F.linear(h, w["lm_head"]).float() / temperature, episodes, Tc, dev)
 
 
