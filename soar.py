@@ -6,9 +6,11 @@ and the teacher is rewarded by the students' measured gain on real problems they
     python soar.py --steps 2 --out runs/quick        # a smoke run
     python soar.py --preset paper --model meta-llama/Llama-3.2-3B-Instruct \\
         --hard-train hard/train.jsonl --hard-test hard/test.jsonl     # a GPU user's run
-    python soar.py --resume runs/soar                # continue a stopped run
+    python soar.py --resume runs/soar-toy-seed0      # continue a stopped run
+    python soar.py --workers 8                       # the g*r inner students as Ray tasks, 8 at a time
+    python soar.py --workers 32 --ray-address auto   # ... on a running Ray cluster (`ray start`)
 
-One outer step t (SOAR.md):
+One outer step t (the SOAR paper, arXiv 2601.18778, its algorithm):
   1. teacher sampling with rejection -> g datasets of n valid (question, answer) pairs;
   2. Q_R: M questions drawn fresh from D_train; baseline student's greedy accuracy on it;
   3. inner loop: for each dataset k and repeat j, a copy of the baseline student trained with
@@ -21,6 +23,14 @@ Choices where the paper is silent, all flags: the moving-average window restarts
 promotion (rewards measured against the old baseline are not comparable); with r even the
 median student is the lower median; the window must be full before a promotion.
 Baselines by flag: --reward learnability (Intrinsic-T), --no-promotion, --no-teacher-update (Base-T).
+
+Workers: --workers 0 trains the inner students one after the other in this process; --workers N
+runs them as Ray tasks (one CPU, and one GPU where there is one, each), at most N at a time, on a
+local Ray cluster or, with --ray-address, a running one. Each student is seeded from (seed, step,
+k, j) alone, runs on --threads torch threads wherever it runs, and is collected in (k, j) order,
+so the metrics are the same for every N; --workers may change on --resume. On a CPU machine,
+`--threads 1 --workers <cores>` uses every core once. Memory: at most 2r trained students are
+held here, plus the results of the N tasks in flight.
 """
 import argparse
 import json
@@ -35,8 +45,8 @@ import torch
 from evaluate import diversity, get_verifier, greedy_accuracy, load_problems
 from generate import load_model, load_tokenizer
 from train_student import RLConfig, frozen_copy, make_optimizer
-from train_teacher import (TeacherSamplingError, grounded_rewards, learnability_rewards, sample_teacher_datasets,
-                           teacher_step)
+from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, init_ray, learnability_rewards,
+                           sample_teacher_datasets, teacher_step)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -62,7 +72,7 @@ PRESETS = {
     ),
 }
 # keys that may differ between a run and its resumption
-RESUMABLE = {"resume", "out", "steps"}
+RESUMABLE = {"resume", "out", "steps", "workers", "ray_address"}
 
 
 def parse_args(argv=None):
@@ -97,6 +107,13 @@ def parse_args(argv=None):
     g.add_argument("--student-questions", type=int, help="questions per RLOO step")
     g.add_argument("--student-group", type=int, help="samples per question")
     g.add_argument("--student-max-new-tokens", type=int)
+    g = ap.add_argument_group("scale-out (results do not depend on these)")
+    g.add_argument("--workers", type=int,
+                   help="inner students trained at once as Ray tasks; 0 = one after the other here, "
+                        "without Ray (default: 0)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="join this running Ray cluster (\"auto\": the one `ray start` made on this node) "
+                        "instead of starting a local one of --workers CPUs (default: none, start locally)")
     g = ap.add_argument_group("teacher")
     g.add_argument("--teacher-lr", type=float)
     g.add_argument("--teacher-warmup", type=int)
@@ -120,17 +137,25 @@ def parse_args(argv=None):
         if diff:
             ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
                      + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
+        cfg.setdefault("workers", 0)
+        cfg.setdefault("ray_address", None)
         cfg.update(given)
         cfg["out"] = a.resume
+        if cfg["workers"] < 0:
+            ap.error(f"--workers must be >= 0 (got {cfg['workers']})")
+        if cfg["ray_address"] and not cfg["workers"]:
+            ap.error("--ray-address needs --workers N > 0")
         return cfg
     cfg = dict(PRESETS[a.preset or "toy"], preset=a.preset or "toy", seed=0, reward="grounded",
-               no_promotion=False, no_teacher_update=False, resume=None)
+               no_promotion=False, no_teacher_update=False, resume=None, workers=0, ray_address=None)
     cfg.update(given)
-    for k, lo in [("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1), ("student_group", 2)]:
+    for k, lo in [("workers", 0), ("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1), ("student_group", 2)]:
         if cfg[k] < lo:
             ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
     if cfg["tau"] < 0:
         ap.error("--tau must be >= 0")
+    if cfg["ray_address"] and not cfg["workers"]:
+        ap.error("--ray-address needs --workers N > 0")
     if cfg["n"] < cfg["student_questions"]:
         ap.error(f"--n ({cfg['n']}) must be >= --student-questions ({cfg['student_questions']})")
     if not cfg["hard_train"]:
@@ -218,6 +243,15 @@ def main(argv=None):
         teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {cfg['model']}: {str(e).splitlines()[0]}")
+    ray, own_ray = None, False
+    if cfg["workers"]:
+        try:
+            ray, own_ray = init_ray(cfg["workers"], cfg.get("ray_address"))
+        except ImportError:
+            sys.exit("error: --workers needs Ray: pip install ray==2.60.0")
+        except Exception as e:  # e.g. no cluster at --ray-address
+            sys.exit(f"error: cannot start or join Ray (--ray-address {cfg.get('ray_address')}): "
+                     f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
     try:  # only now, with every input checked, does the run directory appear
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -251,6 +285,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
+    remote_timeouts = 0  # verifier timeouts inside Ray workers since this process started
     metrics = open(os.path.join(out, "metrics.jsonl"), "a")
     samples = open(os.path.join(out, "teacher_samples.jsonl"), "a")
     bar = tqdm(range(state["step"], cfg["steps"]), desc="SOAR", initial=state["step"], total=cfg["steps"])
@@ -268,11 +303,16 @@ def main(argv=None):
             qr = rng.sample(hard, min(cfg["m"], len(hard)))
             base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
             # 3. inner loop: g x r students
-            results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"], state["inner_steps"],
-                                             scfg, seed=seed * 1_000_003 + t, progress=False)
+            try:
+                results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"], state["inner_steps"],
+                                                 scfg, seed=seed * 1_000_003 + t, progress=False,
+                                                 workers=cfg["workers"], threads=cfg["threads"])
+            except InnerStudentError as e:
+                raise InnerStudentError(f"step {t}: {e}") from e
+            remote_timeouts += sum(res.remote_verifier_timeouts for res in results)
             grounded = [res.reward for res in results]
             rewards = grounded if cfg["reward"] == "grounded" else learnability_rewards(
-                student, tok, datasets, cfg["student_group"], scfg)
+                student, tok, datasets, cfg["student_group"], scfg, seed=seed * 1_000_003 + t)
             # 4. promotion, on the grounded reward (the measured gain) whichever reward trains the teacher
             r_hat = sum(grounded) / len(grounded)
             state["history"].append(r_hat)
@@ -311,7 +351,7 @@ def main(argv=None):
                        teacher_zero_signal=int(max(rewards) == min(rewards)),  # equal R_k: no gradient
                        inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
                        inner_skipped_updates=sum(res.skipped_updates for res in results),
-                       verifier_timeouts=get_verifier().timeouts, question_diversity=diversity(questions), **extra)
+                       verifier_timeouts=get_verifier().timeouts + remote_timeouts, question_diversity=diversity(questions), **extra)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             for k, data in enumerate(datasets):
@@ -327,9 +367,14 @@ def main(argv=None):
                        f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))
     except TeacherSamplingError as e:
         sys.exit(f"error: {e}")
+    except InnerStudentError as e:
+        sys.exit(f"error: {e}; the last finished step is checkpointed in {ckpt_path}; continue with --resume {out}")
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last finished step is checkpointed in {ckpt_path}; continue with --resume {out}")
         sys.exit(130)
+    finally:
+        if own_ray:  # disconnect; a local cluster this run started stops with it, a joined one keeps running
+            ray.shutdown()
 
     save_model(student, tok, os.path.join(out, "student"))
     save_model(teacher, tok, os.path.join(out, "teacher"))

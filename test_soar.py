@@ -784,3 +784,137 @@ def test_teacher_without_valid_output_stops_the_run_with_its_samples(tiny, tmp_p
     with pytest.raises(SystemExit, match=r"0 valid of 4 needed .* rejected samples saved to"):
         soar.main(args)  # a random model writes no valid teacher completion
     assert len((out / "rejected.jsonl").read_text().splitlines()) == 16  # 2 rounds x 8 samples
+
+
+# ----------------------------------------------------------------------------- inner students as Ray tasks
+
+def toy_ray_args(hard, out, reward="grounded", steps=2):
+    """The toy model on chains it half solves (L=8), with a student learning rate high enough
+    that two RLOO steps move the students: their groups have signal and R_kj != 0."""
+    return ["--model", os.path.join(HERE, "toy", "model"), "--hard-train", hard, "--out", str(out),
+            "--steps", str(steps), "--g", "2", "--n", "4", "--r", "2", "--m", "8", "--window", "1", "--tau", "0",
+            "--inner-steps", "2", "--student-questions", "2", "--student-group", "4",
+            "--student-max-new-tokens", "100", "--sample-batch", "16", "--student-lr", "1e-3", "--reward", reward,
+            "--threads", "1"]  # one thread per student: two workers fill the two cores of a small machine
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One local 2-CPU Ray cluster for these tests (each soar.main joins it and leaves it running),
+    its workers started with the fault-injection file (empty: no fault) in their environment."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray==2.60.0)")
+    d = tmp_path_factory.mktemp("ray")
+    fault = d / "fault"
+    fault.write_text("")
+    old = os.environ.get(train_teacher.FAULT_ENV)
+    os.environ[train_teacher.FAULT_ENV] = str(fault)  # the workers inherit the raylet's environment
+    try:
+        _, started = train_teacher.init_ray(2)
+    finally:
+        os.environ.pop(train_teacher.FAULT_ENV) if old is None else os.environ.update({train_teacher.FAULT_ENV: old})
+    assert started
+    hard = toy_file(d / "hard.jsonl", 16, 8)
+    yield dict(fault=fault, hard=hard, dir=d, runs={})
+    ray.shutdown()
+
+
+def ray_run(cl, name, reward="grounded", workers=0, extra=()):
+    """soar.main's metrics.jsonl for one toy run (cached per name)."""
+    if name not in cl["runs"]:
+        out = cl["dir"] / name
+        soar.main(toy_ray_args(cl["hard"], out, reward) + ["--workers", str(workers), *extra])
+        cl["runs"][name] = (out / "metrics.jsonl").read_text()
+    return cl["runs"][name]
+
+
+@pytest.mark.parametrize("reward", ["grounded", "learnability"])
+def test_ray_workers_give_the_sequential_metrics(ray_cluster, reward):
+    seq = ray_run(ray_cluster, f"{reward}-w0", reward, 0)
+    par = ray_run(ray_cluster, f"{reward}-w2", reward, 2)
+    assert par == seq
+    rows = [json.loads(line) for line in seq.splitlines()]
+    groups = 2 * 2 * 2 * 2  # inner steps x questions per step x g x r
+    # the inner students really learn: some RLOO groups have signal, some student's accuracy moved
+    assert any(r["inner_zero_signal_groups"] < groups for r in rows)
+    assert any(x != 0 for r in rows for rs in r["repeat_rewards"] for x in rs)
+
+
+def test_ray_worker_killed_mid_step_is_retried(ray_cluster):
+    cl = ray_cluster
+    cl["fault"].write_text("1,0,once")  # dataset 1, repeat 0: its worker dies on the first attempt
+    try:
+        killed = ray_run(cl, "grounded-w2-killed-once", "grounded", 2)
+        assert cl["fault"].read_text() == ""  # the fault fired, and the retry trained the student
+    finally:
+        cl["fault"].write_text("")
+    assert killed == ray_run(cl, "grounded-w0", "grounded", 0)
+
+
+def test_ray_worker_that_keeps_dying_stops_the_run_and_resume_finishes_it(ray_cluster):
+    cl = ray_cluster
+    out = cl["dir"] / "always"
+    cl["fault"].write_text("0,1,always")
+    try:
+        with pytest.raises(SystemExit, match=r"step 0: inner student for dataset 0, repeat 1 failed.*--resume"):
+            soar.main(toy_ray_args(cl["hard"], out) + ["--workers", "2"])
+    finally:
+        cl["fault"].write_text("")
+    assert not (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    soar.main(["--resume", str(out), "--workers", "1"])  # --workers may change on resume
+    assert (out / "metrics.jsonl").read_text() == ray_run(cl, "grounded-w0", "grounded", 0)
+
+
+def test_workers_flags(tmp_path):
+    cfg = soar.parse_args(["--out", str(tmp_path / "x")])
+    assert cfg["workers"] == 0 and cfg["ray_address"] is None
+    for bad in (["--workers", "-1"], ["--ray-address", "auto"]):  # an address is only used by workers
+        with pytest.raises(SystemExit):
+            soar.parse_args(bad)
+    assert {"workers", "ray_address"} <= soar.RESUMABLE
+
+
+def test_prompts_get_the_tokenizers_bos_in_both_samplers_and_training(tmp_path):
+    from tokenizers import processors
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toy.build import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>"})
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      bos_token_id=bos, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok = generate.load_model(str(tmp_path), device="cpu"), generate.load_tokenizer(str(tmp_path))
+    prompts = ["User: 1+2 Assistant:", "User: 3*4-5+6 Assistant:"]
+    outs = [generate.sample(model, tok, prompts, n=2, greedy=True, max_new_tokens=8, fast=f) for f in (True, False)]
+    for out in outs:
+        for c in out:
+            assert c.prompt_ids[0] == bos and c.prompt_ids == tok(c.prompt)["input_ids"]
+    assert [c.ids for c in outs[0]] == [c.ids for c in outs[1]]  # the same input, the same greedy output
+    # the trainer scores exactly the ids the sampler saw, BOS included
+    eps = [train_student.Episode(c.prompt_ids, c.ids, 0.0, 0.0) for c in outs[0]]
+    fast, mask = train_student.completion_logprobs(model, eps, 1.0, tok.pad_token_id)
+    hf, _ = train_student.completion_logprobs(model, eps, 1.0, tok.pad_token_id, fast=False)
+    assert torch.allclose(fast * mask, hf * mask, atol=1e-5)
+
+
+def test_docstring_commands_that_take_seconds_run_as_written():
+    import subprocess
+    import sys
+
+    commands = [  # copied from the docstrings of generate.py and evaluate.py
+        "python generate.py --model toy/model --role teacher --n 8",
+        'python generate.py --model toy/model --role student --question "3+4*2" --n 4',
+        "python evaluate.py --model toy/model --data toy/hard/test.jsonl",
+    ]
+    import shlex
+
+    for c in commands:
+        p = subprocess.run([sys.executable] + shlex.split(c)[1:], cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, (c, p.stderr[-800:])
+        assert p.stdout.strip(), c

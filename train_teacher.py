@@ -19,8 +19,10 @@ Run alone it scores one teacher-sampled group of datasets and updates the teache
     python train_teacher.py --teacher toy/model --student toy/model --reward-data toy/hard/train.jsonl
 """
 import argparse
+import contextlib
 import copy
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -91,13 +93,128 @@ class DatasetResult:
     zero_signal_groups: int = 0                # inner RLOO groups with all-equal rewards (no gradient)
     skipped_updates: int = 0                   # inner updates skipped for a non-finite loss or gradient
     students: list = field(default_factory=list, repr=False)  # kept only while k is the best so far
+    remote_verifier_timeouts: int = 0          # verifier timeouts in Ray workers (this process's own are
+                                               # in get_verifier().timeouts; 0 on the sequential path)
+
+
+class InnerStudentError(RuntimeError):
+    """An inner student that could not be trained (its worker died more often than Ray retries)."""
+
+
+# A Ray worker that dies (killed, out of memory, node lost) is restarted and its student retrained
+# from scratch this many times; each attempt is seeded the same, so a retry gives the same result.
+# An exception raised by the training code itself is not retried: it would only fail again.
+RAY_MAX_RETRIES = 2
+# Fault injection for the tests: this variable names a file; while it holds "K,J,once" the Ray task
+# for dataset K, repeat J kills its own worker process (and empties the file, so the retry trains
+# normally); "K,J,always" kills it on every attempt. Read when the task starts, so a test can arm it
+# on a running cluster.
+FAULT_ENV = "SOAR_FAULT_FILE"
+
+
+def _maybe_die(k, j):
+    path = os.environ.get(FAULT_ENV)
+    if not path or not os.path.exists(path):
+        return
+    spec = open(path).read().strip().split(",")
+    if len(spec) == 3 and (int(spec[0]), int(spec[1])) == (k, j):
+        if spec[2] == "once":
+            open(path, "w").close()
+        os._exit(1)  # the worker process dies mid-step, as if killed
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """torch's CPU thread count set to n inside (unchanged for n = 0), restored after. Float sums
+    split over a different number of threads round differently, so every inner student, here or
+    in a Ray task, runs on the run's --threads: a run's numbers do not depend on --workers."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads):
+    """Student (k, j): a copy of the baseline, seeded from (seed, k, j) only, trained on pairs and
+    measured on reward_qs. Returns (accuracy, health counts, trained state dict on CPU). The one
+    code path for both the sequential loop and the Ray tasks."""
+    health = {"zero_signal_groups": 0, "skipped": 0}
+
+    def count(stats, *_):
+        health["zero_signal_groups"] += stats["zero_signal_groups"]
+        health["skipped"] += stats["skipped"]
+
+    with _threads(threads):
+        s = copy.deepcopy(student)
+        torch.manual_seed(seed * 100_003 + k * 1009 + j)
+        train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j), on_step=count)
+        acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+    state = {n: t.detach().cpu().clone() for n, t in s.state_dict().items()}
+    del s
+    return acc, health, state
+
+
+def _inner_student_task(base, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads):
+    """The Ray task for student (k, j): base is the object-store copy of the baseline (model on
+    CPU and tokenizer, one put per outer step). Returns what the sequential loop computes, plus
+    this worker's verifier timeouts during the task."""
+    _maybe_die(k, j)
+    model, tok = base["model"], base["tok"]
+    if torch.cuda.is_available():  # the task was given one GPU (num_gpus=1); Ray sets CUDA_VISIBLE_DEVICES
+        model = model.to("cuda")
+    t0 = get_verifier().timeouts
+    acc, health, state = _train_inner_student(model, tok, pairs, reward_qs, steps, cfg, seed, k, j,
+                                              eval_max_new_tokens, threads)
+    return dict(acc=acc, health=health, state=state, timeouts=get_verifier().timeouts - t0)
+
+
+def init_ray(workers, address=None):
+    """Start a local Ray cluster of `workers` CPUs (address None), or join a running one
+    (address "auto" or HOST:PORT); returns (ray, whether this call connected). Ray is imported
+    here only, so --workers 0 never needs it. Already connected (a caller's own ray.init): kept."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    here = os.path.dirname(os.path.abspath(__file__))
+    # workers import this module by name: put this directory on their path (on a cluster the
+    # repository must sit at the same path on every node)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in [here, os.environ.get("PYTHONPATH")] if p)}
+    kw = dict(runtime_env={"env_vars": env}, log_to_driver=False, logging_level=logging.WARNING)
+    if address:
+        ray.init(address=address, **kw)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, **kw)
+    return ray, True
+
+
+def _keep_best(best, res, states):
+    """The running argmax over datasets (first one wins a tie): only its students are kept."""
+    if best is None or res.reward > best.reward:
+        res.students = states
+        if best is not None:
+            best.students = []
+        return res
+    return best
 
 
 def grounded_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed=0,
-                     eval_max_new_tokens=None, progress=False):
+                     eval_max_new_tokens=None, progress=False, workers=0, threads=0):
     """R_k for every dataset; returns (results, best) where best holds the r trained students
-    of the argmax dataset (state dicts on CPU), so promotion needs no retraining while at
-    most 2r student copies are ever held."""
+    of the argmax dataset (state dicts on CPU), so promotion needs no retraining.
+
+    workers 0 trains the g*r students one after the other here; workers N > 0 runs them as Ray
+    tasks (init_ray first), at most N in flight, with the same seeds and the same numbers. Every
+    student runs on `threads` torch threads (0: this process's count), wherever it runs.
+    Memory: at most 2r student copies are held here (the best dataset's r and the current
+    dataset's r), plus, with workers, the results of the tasks in flight (at most N)."""
+    if workers > 0:
+        return _grounded_rewards_ray(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed,
+                                     eval_max_new_tokens, progress, workers, threads or torch.get_num_threads())
     from tqdm import tqdm
 
     results, best = [], None
@@ -105,36 +222,91 @@ def grounded_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps
     for k, data in enumerate(datasets):
         pairs = [(q, a) for _, q, a in data]
         rs, states, health = [], [], {"zero_signal_groups": 0, "skipped": 0}
-
-        def count(stats, *_):
-            health["zero_signal_groups"] += stats["zero_signal_groups"]
-            health["skipped"] += stats["skipped"]
-
         for j in range(repeats):
-            s = copy.deepcopy(student)
-            torch.manual_seed(seed * 100_003 + k * 1009 + j)
-            train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j), on_step=count)
-            acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+            acc, h, state = _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
+                                                 eval_max_new_tokens, threads)
             rs.append(acc - base_acc)
-            states.append({n: t.detach().cpu().clone() for n, t in s.state_dict().items()})
-            del s
+            states.append(state)
+            for key in health:
+                health[key] += h[key]
             jobs.update()
         res = DatasetResult(k, sum(rs) / len(rs), rs, health["zero_signal_groups"], health["skipped"])
-        if best is None or res.reward > best.reward:
-            res.students = states
-            if best is not None:
-                best.students = []
-            best = res
+        best = _keep_best(best, res, states)
         results.append(res)
     jobs.close()
     return results, best
 
 
-def learnability_rewards(student, tok, datasets, group, cfg):
+def _grounded_rewards_ray(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed,
+                          eval_max_new_tokens, progress, workers, threads):
+    import ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        init_ray(workers)
+    # the baseline goes into the object store once per call, on CPU; each task copies it
+    dev = next(student.parameters()).device
+    student.to("cpu")
+    try:
+        base = ray.put(dict(model=student, tok=tok))
+    finally:
+        student.to(dev)
+    opts = dict(num_cpus=1, max_retries=RAY_MAX_RETRIES, retry_exceptions=False)
+    if torch.cuda.is_available():
+        opts["num_gpus"] = 1
+    task = ray.remote(**opts)(_inner_student_task)
+    jobs = [(k, j) for k in range(len(datasets)) for j in range(repeats)]
+    pairs = [[(q, a) for _, q, a in data] for data in datasets]
+    refs = {}
+
+    def submit(i):  # keep at most `workers` tasks in flight ahead of the one being collected
+        while len(refs) < workers and i < len(jobs):
+            k, j = jobs[i]
+            refs[(k, j)] = task.remote(base, pairs[k], reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads)
+            i += 1
+        return i
+
+    bar = tqdm(total=len(jobs), desc="inner students", disable=not progress, leave=False)
+    results, best, nxt = [], None, submit(0)
+    try:
+        for k in range(len(datasets)):
+            rs, states, health, timeouts = [], [], {"zero_signal_groups": 0, "skipped": 0}, 0
+            for j in range(repeats):
+                # collected in (k, j) order, whatever order they finish in: ties and the median
+                # are decided exactly as in the sequential loop
+                try:
+                    out = ray.get(refs.pop((k, j)))
+                except ray.exceptions.RayError as e:
+                    raise InnerStudentError(
+                        f"inner student for dataset {k}, repeat {j} failed (after up to {RAY_MAX_RETRIES} "
+                        f"retries of a lost worker): {str(e).strip().splitlines()[-1][:500].rstrip('.')}") from e
+                nxt = submit(nxt)
+                rs.append(out["acc"] - base_acc)
+                states.append(out["state"])
+                for key in health:
+                    health[key] += out["health"][key]
+                timeouts += out["timeouts"]
+                bar.update()
+            res = DatasetResult(k, sum(rs) / len(rs), rs, health["zero_signal_groups"], health["skipped"],
+                                remote_verifier_timeouts=timeouts)
+            best = _keep_best(best, res, states)
+            results.append(res)
+    finally:
+        for ref in refs.values():  # a failure leaves tasks running: stop them
+            ray.cancel(ref, force=True)
+        bar.close()
+    return results, best
+
+
+def learnability_rewards(student, tok, datasets, group, cfg, seed=None):
     """Intrinsic-T baseline: per question r_i = 0 if s_i == 0 else 1 - s_i, s_i the student's
-    success rate over `group` samples (checked against the teacher's answer); dataset mean."""
+    success rate over `group` samples (checked against the teacher's answer); dataset mean.
+    With a seed, dataset k's samples are drawn from torch seeded by (seed, k) alone, so they do
+    not depend on what ran before (e.g. whether the inner students trained here or in Ray)."""
     out = []
-    for data in datasets:
+    for k, data in enumerate(datasets):
+        if seed is not None:
+            torch.manual_seed(seed * 100_003 + 7_777_777 + k)
         per_q = []
         for _, q, a in data:
             comps = sample(student, tok, [student_prompt(q, cfg.style)], n=group, temperature=cfg.temperature,
