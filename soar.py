@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from evaluate import diversity, get_verifier, greedy_accuracy, load_problems
-from generate import load_model, load_tokenizer
+from generate import load_model, load_tokenizer, save_model
 from train_student import RLConfig, frozen_copy, make_optimizer
 from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, init_ray, learnability_rewards,
                            sample_teacher_datasets, teacher_step)
@@ -217,11 +217,6 @@ def load_checkpoint(path):
                  f"and plain types, which are never unpickled): {str(e).splitlines()[0]}")
 
 
-def save_model(model, tok, path):
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     out = cfg["out"]
@@ -331,7 +326,7 @@ def main(argv=None):
                 promoted = dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
                 if train_acc > state.get("ps_train_acc", -1.0):
                     state["ps_train_acc"], state["ps_step"] = train_acc, t
-                    save_model(student, tok, os.path.join(out, "ps"))
+                    save_model(student, tok, os.path.join(out, "ps"), cfg["style"])
             # 5. teacher update
             upd = {}
             if not cfg["no_teacher_update"]:
@@ -376,8 +371,8 @@ def main(argv=None):
         if own_ray:  # disconnect; a local cluster this run started stops with it, a joined one keeps running
             ray.shutdown()
 
-    save_model(student, tok, os.path.join(out, "student"))
-    save_model(teacher, tok, os.path.join(out, "teacher"))
+    save_model(student, tok, os.path.join(out, "student"), cfg["style"])
+    save_model(teacher, tok, os.path.join(out, "teacher"), cfg["style"])
     with open(os.path.join(out, "pq.jsonl"), "w") as f:
         for p in state["pq"]:
             f.write(json.dumps(p) + "\n")

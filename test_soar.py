@@ -565,6 +565,7 @@ def test_soar_end_to_end(tiny, tmp_path):
     assert cfg["g"] == 2 and cfg["student_lr"] == soar.PRESETS["toy"]["student_lr"]
     for f in ["teacher_samples.jsonl", "pq.jsonl", "checkpoint.pt", "student/config.json", "teacher/config.json"]:
         assert (out / f).exists(), f
+    assert generate.model_style(str(out / "teacher")) == "toy"  # saved models carry the style they were trained with
     assert len([line for line in open(out / "teacher_samples.jsonl")]) == 4
     with pytest.raises(SystemExit, match="already holds a run"):
         soar.main(args)
