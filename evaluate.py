@@ -35,8 +35,8 @@ import threading
 
 import torch
 
-from generate import (STUDENT_PROMPTS, greedy, last_boxed, load_model, load_tokenizer, model_style, parse_teacher, sample,
-                      student_prompt)
+from generate import (HelpFormatter, add_prompt_args, add_sampler_args, greedy, last_boxed, load_model, load_tokenizer,
+                      parse_teacher, resolve_style, sample, student_prompt, use_sampler)
 
 # -----------------------------------------------------------------------------
 # Math-Verify, time-bounded. Its own timeout uses SIGALRM, which only works on the
@@ -373,27 +373,28 @@ def pass_at_k_table(counts, n, ks=(1, 4, 8, 16, 32)):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="local model directory or hub name")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="local model directory, .gguf file or hub name")
     ap.add_argument("--data", required=True, help="JSONL problem file, or a benchmark name: math, olympiadbench")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--fail-at", type=int, metavar="K", help="run the fail@K filter and write the hard split")
     mode.add_argument("--pass-at", type=int, metavar="N", help="pass@k from N samples per problem")
     ap.add_argument("--out", help="output directory (required with --fail-at)")
-    ap.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
-                    help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --fail-at / --pass-at")
+    ap.add_argument("--max-new-tokens", type=int, default=1024,
+                    help="student completion budget (the paper's 1024; the toy world's students use 120)")
+    ap.add_argument("--batch-size", type=int, default=64, help="sequences per sampling call")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N problems (0 = all)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the draws and of the fail@k split")
+    add_prompt_args(ap)
+    add_sampler_args(ap)
     a = ap.parse_args(argv)
     if a.fail_at is not None and not a.out:
         ap.error("--fail-at needs --out DIR")
     for name in ("fail_at", "pass_at"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    style = a.style or model_style(a.model)
+    style = resolve_style(ap, a, a.model)
     try:
         problems = load_data(a.data)
     except (ValueError, FileNotFoundError) as e:
@@ -401,6 +402,7 @@ def main(argv=None):
     problems = problems[:a.limit] if a.limit else problems
     torch.manual_seed(a.seed)
     tok, model = load_tokenizer(a.model), load_model(a.model)
+    use_sampler(a.sampler, a.model, a.vllm_memory)
     if a.fail_at is not None:
         train, test, counts = fail_at_k(model, tok, problems, a.fail_at, a.out, style, a.temperature,
                                         a.max_new_tokens, a.batch_size, a.seed)

@@ -7,7 +7,7 @@ Everything the other stages need to turn a model into text and text back into
     load_model / load_tokenizer   any Hugging Face causal LM, by local dir or hub name
     teacher_prompt / student_prompt   the two prompt formats of the SOAR paper
     sample / greedy               batched sampling: a lean decode loop for Llama models, else HF `generate`
-    VLLMSampler                   the same interface on vLLM (GPU users; imported only if asked)
+    use_sampler / VLLMSampler     --sampler vllm: the same `sample` on a vLLM engine (GPU users; imported only if asked)
     last_boxed / parse_teacher    text parsing (nested braces, the teacher's tag format)
 
 Run alone it samples from a model, e.g.
@@ -28,9 +28,12 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Prompts. Tags and the closing phrase are fixed by the paper; a task preset may
-# change only the wording around them ("math" is the paper's, "toy" is the
-# embedded toy world's, kept short because every character is a token there).
+# Prompts. The formats are the SOAR paper's (its appendix prompts): the teacher's
+# <question>...</question><answer>\boxed{...}</answer> tags and "Begin now:", the
+# student's closing phrase "The final answer is: \boxed{...}.". The wording around them
+# is this project's own paraphrase of the paper's, not its exact text; to run with any
+# exact text, pass --teacher-prompt-file / --student-prompt-file (`use_prompt_files`).
+# "toy" is the embedded toy world's wording, short because every character is a token there.
 
 TEACHER_PROMPTS = {
     "math": (
@@ -54,6 +57,48 @@ STUDENT_PROMPTS = {
     "toy": "User: {question} Assistant:",
 }
 ANSWER_PHRASE = "The final answer is: \\boxed{%s}."
+BUILTIN_STYLES = tuple(TEACHER_PROMPTS)
+
+
+def use_prompt_files(style, teacher_file=None, student_file=None):
+    """Register the style "custom": the texts of these files, and `style`'s wording for a file
+    not given. Returns the style name to use. The student text must hold {question}; the
+    teacher text must ask for the <question> and <answer> tags that parse_teacher reads."""
+    if not teacher_file and not student_file:
+        return style
+    texts = [TEACHER_PROMPTS[style], STUDENT_PROMPTS[style]]
+    for i, (path, need) in enumerate([(teacher_file, ("<question>", "<answer>")), (student_file, ("{question}",))]):
+        if path:
+            with open(path) as f:
+                texts[i] = f.read().rstrip("\n")
+            missing = [s for s in need if s not in texts[i]]
+            if missing:
+                raise ValueError(f"{path}: the prompt must contain {' and '.join(missing)}")
+    return add_style("custom", *texts)
+
+
+def add_prompt_args(ap):
+    g = ap.add_argument_group("prompts")
+    g.add_argument("--style", choices=BUILTIN_STYLES,
+                   help="prompt wording (default: the model directory's soar.json, else math: the paper's formats)")
+    g.add_argument("--teacher-prompt-file", metavar="FILE", help="the teacher prompt's exact text (replaces --style's)")
+    g.add_argument("--student-prompt-file", metavar="FILE",
+                   help="the student prompt's exact text, with {question} where the question goes")
+    return g
+
+
+def resolve_style(ap, a, model_path):
+    """The style a command runs with: --style, else the model's own, with the prompt files on top."""
+    try:
+        style = a.style or model_style(model_path)
+        return use_prompt_files(style, a.teacher_prompt_file, a.student_prompt_file)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
+
+
+def add_style(name, teacher, student):
+    TEACHER_PROMPTS[name], STUDENT_PROMPTS[name] = teacher, student
+    return name
 
 
 def teacher_prompt(style="math"):
@@ -120,11 +165,23 @@ def _check_local(path):
         raise FileNotFoundError(f"model path does not exist: {path}")
 
 
+def _gguf(path):
+    """(folder, file name) for a path to a single GGUF file, else (path, None)."""
+    p = os.path.expanduser(path)
+    if not p.endswith(".gguf"):
+        return path, None
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    return os.path.dirname(os.path.abspath(p)), os.path.basename(p)
+
+
 def load_tokenizer(path):
+    """The model's tokenizer (directory, hub name or .gguf file), left-padding, pad = EOS if unset."""
     from transformers import AutoTokenizer
 
-    _check_local(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    folder, gguf = _gguf(path)
+    _check_local(folder)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"  # generation appends on the right
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -137,11 +194,15 @@ STYLE_FILE = "soar.json"  # a model directory's own settings for this project: {
 def model_style(path):
     """The prompt style a model declares in its directory's soar.json; "math" (the paper's prompts)
     for any model without one. Never guessed from how the path is spelled."""
+    _check_local(_gguf(path)[0])
     f = os.path.join(os.path.expanduser(path), STYLE_FILE)
     if not os.path.isfile(f):
         return "math"
     with open(f) as fh:
-        style = json.load(fh).get("style", "math")
+        spec = json.load(fh)
+    style = spec.get("style", "math")
+    if "teacher_prompt" in spec and "student_prompt" in spec:  # a model trained with prompt files
+        add_style(style, spec["teacher_prompt"], spec["student_prompt"])
     if style not in STUDENT_PROMPTS:
         raise ValueError(f"{f}: unknown prompt style {style!r} (known: {', '.join(sorted(STUDENT_PROMPTS))})")
     return style
@@ -151,18 +212,53 @@ def save_model(model, tok, path, style):
     """save_pretrained of model and tokenizer, plus the prompt style the model was trained with."""
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    if style != "math":
+    if style != "math":  # a built-in style by name; prompt-file texts in full
+        spec = {"style": style} if style in BUILTIN_STYLES else dict(
+            style=style, teacher_prompt=TEACHER_PROMPTS[style], student_prompt=STUDENT_PROMPTS[style])
         with open(os.path.join(path, STYLE_FILE), "w") as f:
-            json.dump({"style": style}, f)
+            json.dump(spec, f, indent=1)
 
 
 def load_model(path, dtype=None, device=None):
-    """Any causal LM by local directory or hub name. A missing local path is a clear error."""
+    """Any causal LM by local directory, hub name or .gguf file (packages gguf and accelerate;
+    dequantized on load). A missing local path is a clear error. The weights are fp32 unless
+    dtype says otherwise: they are the master copy that the optimiser updates."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    folder, gguf = _gguf(path)
+    _check_local(folder)
+    kw = dict(gguf_file=gguf) if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, **kw)
+    # On CPU, arithmetic on subnormal floats is 10-100x slower; real models' activations produce them
+    # (SmolLM2: 0.2 s per decoded token instead of 10 ms). Flush them to zero, as GPUs do.
+    torch.set_flush_denormal(True)
+    if gguf:  # dequantized to plain tensors: drop the GGUF mark, or save_pretrained refuses to save them
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def precision(dtype, device):
+    """The numeric mode of a forward pass. "fp32": plain. "bf16": bfloat16 autocast: matmuls run in
+    bf16, while the weights the optimiser updates, AdamW's state, gradients, softmaxes and losses
+    stay fp32. Pure bf16 weights would not do: bf16 keeps 8 significant bits, so an update of
+    ~1e-5 relative to a weight (lr 1e-5) rounds away. Frozen references may be stored in bf16."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"unknown dtype {dtype!r} (known: fp32, bf16)")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: the module docstring as written, and every flag's default after its help text."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if action.option_strings and not (d is None or d is False or d == "" or d is argparse.SUPPRESS) \
+                and "%(default)" not in h:
+            h += " (default: %(default)s)"
+        return h
 
 
 # -----------------------------------------------------------------------------
@@ -192,11 +288,15 @@ def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=
     """n completions for each prompt, returned prompt-major ([p0 x n, p1 x n, ...]).
     With a seed the draw repeats exactly (on CPU); without, it continues torch's global RNG.
 
+    With --sampler vllm (`use_sampler`) the process's vLLM engine draws them. Otherwise
     Llama-family models take the lean decode loop below (`fast_sample`); any other model, or
-    fast=False, takes HF `generate`. Both give the same greedy output and the same
+    fast=False, takes HF `generate`. All give the same greedy output and the same
     distribution; only the random draws differ."""
     from tqdm import tqdm
 
+    if _SAMPLER is not None:
+        return _SAMPLER(model, tok, prompts, n=n, temperature=temperature, top_p=top_p,
+                        max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
     if seed is not None:
         torch.manual_seed(seed)
     fast = fast_path_ok(model) if fast is None else fast
@@ -384,61 +484,129 @@ def greedy(model, tok, prompts, max_new_tokens=512, batch_size=64):
     return sample(model, tok, prompts, n=1, max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=True)
 
 
+# -----------------------------------------------------------------------------
+# The sampler backend. Every stage samples through `sample` (above); which engine draws the
+# tokens is one choice per process, made by the --sampler flag of each command that samples:
+#   hf    this file's samplers (the lean loop for Llama models, else HF `generate`); CPU or GPU;
+#   vllm  one vLLM engine in this process (GPU only), fed the current HF weights in place.
+
+_SAMPLER = None  # None: hf; else a VLLMSampler
+_SPEC = dict(name="hf")  # how it was made, for worker processes (train_teacher's Ray tasks) to do the same
+
+
+def add_sampler_args(ap):
+    g = ap.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=["hf", "vllm"], default="hf",
+                   help="engine that draws every sample: hf (this project's loop, CPU or GPU) or vllm "
+                        "(GPU; pip install -r requirements-gpu.txt)")
+    g.add_argument("--vllm-memory", type=float, default=0.3,
+                   help="with --sampler vllm: fraction of GPU memory the engine takes (weights + KV cache); "
+                        "the HF models being trained share the rest")
+
+
+def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
+    """Make `name` the sampler of this process (for vllm: build its one engine from model_path)."""
+    global _SAMPLER, _SPEC
+    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory)
+    if name == "hf":
+        _SAMPLER = None
+    elif name == "vllm":
+        if _SAMPLER is None:
+            _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, engine=engine)
+    else:
+        raise ValueError(f"unknown sampler {name!r} (known: hf, vllm)")
+
+
+def sampler_spec():
+    """The arguments of this process's use_sampler call."""
+    return dict(_SPEC)
+
+
 class VLLMSampler:
-    """The `sample` interface on vLLM (pinned: vllm==0.10.1.1, see requirements-gpu.txt).
+    """`sample` on a vLLM engine (pinned: vllm==0.30.0, see requirements-gpu.txt).
 
-    vLLM is imported here and nowhere else, only when this class is built. After a
-    policy update the caller saves the HF weights to a directory and calls
-    `reload(path)`; the engine is rebuilt from it (simple and version-proof, at the
-    cost of a reload per update)."""
+    One engine per process, built once from the base model's directory (any architecture vLLM
+    serves). It holds one set of weights: before each call whose model differs from the one it
+    last received (another object, or the same one after an optimiser step or load_state_dict,
+    which bump its parameters' version counters), the HF model's weights are pushed into the
+    engine in place with `LLM.apply_model(lambda m: m.load_weights(...))` under the HF names
+    (vLLM's loader stacks q|k|v and gate|up itself), and the prefix cache, computed with the old
+    weights, is reset. No reload from disk. The engine runs in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the push passes tensors, not copies.
 
-    def __init__(self, path, tok, gpu_memory_utilization=0.4, seed=0, engine=None):
-        self.tok, self.seed, self.mem = tok, seed, gpu_memory_utilization
-        self.engine = engine if engine is not None else self._build(path)
+    Same contract as the HF path: prompts go in as token ids made by the HF tokenizer (special
+    tokens, BOS included, exactly as `hf_sample` and the trainer see them); stop ids are
+    `stop_ids` (tokenizer EOS + the model's generation-config EOS ids) and the stop token stays
+    in the completion; text is decoded by the HF tokenizer; each call has its own seed (the
+    caller's, else one drawn from torch's RNG, so a seeded run repeats its draws)."""
 
-    def _build(self, path):
-        from vllm import LLM
+    def __init__(self, path, gpu_memory_utilization=0.3, engine=None):
+        if engine is None:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            from vllm import LLM
 
-        return LLM(model=path, gpu_memory_utilization=self.mem, seed=self.seed, enforce_eager=True)
+            # generation_config="vllm": no sampling defaults from the model's files; every call says its own
+            engine = LLM(model=path, gpu_memory_utilization=gpu_memory_utilization, seed=0,
+                         enable_prefix_caching=True, generation_config="vllm")
+        self.engine = engine
+        self.holds = (None, None)  # (weakref to the model whose weights the engine holds, their version)
+        self.pushes = 0
 
-    def reload(self, path):
-        del self.engine
-        self.engine = self._build(path)
+    def sync(self, model):
+        """Push model's weights into the engine unless it already holds exactly these."""
+        import weakref
 
-    def __call__(self, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512, greedy=False):
+        version = sum(p._version for p in model.parameters())  # bumped by every in-place update
+        ref, held = self.holds
+        if ref is not None and ref() is model and held == version:
+            return False
+        weights = list(model.state_dict().items())
+        self.engine.apply_model(lambda m: m.load_weights(weights))
+        self.engine.reset_prefix_cache()
+        self.holds, self.pushes = (weakref.ref(model), version), self.pushes + 1
+        return True
+
+    def __call__(self, model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512, greedy=False,
+                 seed=None):
         from vllm import SamplingParams
 
-        self.seed += 1  # a new, reproducible seed per call
+        self.sync(model)
+        stops = stop_ids(model, tok)
+        if seed is None:
+            seed = int(torch.randint(2 ** 31 - 1, ()))
         params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                max_tokens=max_new_tokens, seed=self.seed)
+                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=stops, detokenize=False)
+        ids = [tok(p)["input_ids"] for p in prompts]  # the HF tokenizer's special tokens, as in hf_sample
+        reqs = self.engine.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
         out = []
-        for req in self.engine.generate(prompts, params, use_tqdm=False):
-            for c in req.outputs:
-                ids = list(c.token_ids)
+        for p, pids, req in zip(prompts, ids, reqs):
+            for c in sorted(req.outputs, key=lambda c: c.index):
+                cids = list(c.token_ids)
                 finished = c.finish_reason == "stop"
-                if finished and (not ids or ids[-1] != self.tok.eos_token_id):
-                    ids.append(self.tok.eos_token_id)  # keep EOS in the loss as the HF path does
-                out.append(Completion(req.prompt, c.text, list(req.prompt_token_ids), ids, finished))
+                if finished and (not cids or cids[-1] not in stops):  # keep the stop token, as on the HF path
+                    cids.append(c.stop_reason if isinstance(c.stop_reason, int) else tok.eos_token_id)
+                out.append(Completion(p, tok.decode(cids, skip_special_tokens=True), pids, cids, finished))
         return out
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="local model directory or hub name")
-    ap.add_argument("--role", choices=["teacher", "student"], default="teacher")
-    ap.add_argument("--style", choices=sorted(TEACHER_PROMPTS), default=None,
-                    help="prompt wording (default: the model's soar.json, else math: the paper's prompts)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="local model directory, .gguf file or hub name")
+    ap.add_argument("--role", choices=["teacher", "student"], default="teacher", help="which prompt to sample")
     ap.add_argument("--question", default="", help="the question, for --role student")
     ap.add_argument("--n", type=int, default=4, help="completions to draw")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="token limit per completion")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    add_prompt_args(ap)
+    add_sampler_args(ap)
     a = ap.parse_args(argv)
-    style = a.style or model_style(a.model)
+    style = resolve_style(ap, a, a.model)
     torch.manual_seed(a.seed)
     tok, model = load_tokenizer(a.model), load_model(a.model)
+    use_sampler(a.sampler, a.model, a.vllm_memory)
     prompt = teacher_prompt(style) if a.role == "teacher" else student_prompt(a.question, style)
     for c in sample(model, tok, [prompt], n=a.n, temperature=a.temperature, max_new_tokens=a.max_new_tokens):
         parsed = parse_teacher(c.text) if a.role == "teacher" else last_boxed(c.text)

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from evaluate import diversity, get_verifier, greedy_accuracy, load_problems
-from generate import load_model, load_tokenizer, save_model
+from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style, load_model, load_tokenizer, model_style,
+                      precision, save_model, teacher_prompt, use_prompt_files, use_sampler)
 from train_student import RLConfig, frozen_copy, make_optimizer
 from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, init_ray, learnability_rewards,
                            sample_teacher_datasets, teacher_step)
@@ -61,6 +62,7 @@ PRESETS = {
         teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=160, sample_batch=64,
         student_lr=1e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=120,
         temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2, micro_batch=32,
+        dtype="fp32", sampler="hf", vllm_memory=0.3,
     ),
     "paper": dict(
         model="meta-llama/Llama-3.2-3B-Instruct", style="math", hard_train=None, hard_test=None,
@@ -69,44 +71,90 @@ PRESETS = {
         teacher_lr=1e-5, teacher_warmup=20, teacher_kl=0.001, teacher_max_new_tokens=512, sample_batch=256,
         student_lr=1e-5, student_kl=0.001, student_questions=8, student_group=32, student_max_new_tokens=1024,
         temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=0, micro_batch=8,
+        dtype="bf16", sampler="vllm", vllm_memory=0.3,
     ),
 }
 # keys that may differ between a run and its resumption
-RESUMABLE = {"resume", "out", "steps", "workers", "ray_address"}
+RESUMABLE = {"resume", "out", "steps", "workers", "ray_address", "vllm_memory"}
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="hyperparameter set (default: toy)")
-    ap.add_argument("--out", help="run directory (default runs/soar-<preset>-seed<seed>)")
-    ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    ap.add_argument("--seed", type=int, help="seed for everything (default 0)")
+    # the preset in use (or the resumed run's config) first, so that --help can show its values
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    pre.add_argument("--resume")
+    known, _ = pre.parse_known_args(argv)
+    shown, name = PRESETS[known.preset or "toy"], f"preset {known.preset or 'toy'}"
+    if known.resume and os.path.isfile(os.path.join(known.resume, "config.json")):
+        with open(os.path.join(known.resume, "config.json")) as f:
+            shown, name = json.load(f), f"run {known.resume}"
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+
+    def flag(group, opt, help, **kw):
+        key = opt[2:].replace("-", "_")
+        if key in shown and kw.get("action") != "store_true":
+            v = shown[key]
+            v = os.path.relpath(v, HERE) if isinstance(v, str) and v.startswith(HERE + os.sep) else v
+            help += f" [{name}: {v}]"
+        group.add_argument(opt, help=help, **kw)
+
+    ap.add_argument("--preset", choices=sorted(PRESETS),
+                    help="hyperparameter set: toy (the embedded toy world, CPU) or paper (the paper's setting, GPU) "
+                         "(default: toy)")
+    ap.add_argument("--out", help="run directory (default: runs/soar-<preset>-seed<seed>)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
+    ap.add_argument("--seed", type=int, help="seed of everything (default: 0)")
     g = ap.add_argument_group("models and data")
-    g.add_argument("--model", help="base model (teacher and student start here): local dir or hub name")
-    g.add_argument("--style", choices=["math", "toy"], help="prompt wording")
-    g.add_argument("--hard-train", help="D_train JSONL (fail@128 survivors; evaluate.py --fail-at makes it)")
-    g.add_argument("--hard-test", help="D_test JSONL (only recorded here; evaluate.py measures it)")
+    flag(g, "--model", "base model, the teacher's and the student's start: directory, .gguf file or hub name")
+    flag(g, "--style", "prompt wording; must match the model's own (its directory's soar.json, else math)",
+         choices=BUILTIN_STYLES)
+    flag(g, "--teacher-prompt-file", "the teacher prompt's exact text (replaces --style's)", metavar="FILE")
+    flag(g, "--student-prompt-file", "the student prompt's exact text, with {question}", metavar="FILE")
+    flag(g, "--hard-train", "D_train: JSONL of fail@128 survivors (python evaluate.py --fail-at 128 makes it)")
+    flag(g, "--hard-test", "D_test: JSONL, only recorded here (experiments/protocol.py evaluates on it)")
+    flag(g, "--dtype", "fp32, or bf16: bfloat16 autocast over fp32 master weights and AdamW state, "
+                       "bf16 frozen references (sound at lr 1e-5; see generate.precision)", choices=["fp32", "bf16"])
+    flag(g, "--sampler", "engine of every sample: hf (this project's loop) or vllm (GPU, requirements-gpu.txt)",
+         choices=["hf", "vllm"])
+    flag(g, "--vllm-memory", "with --sampler vllm: the engine's fraction of GPU memory", type=float)
     g = ap.add_argument_group("outer loop")
-    g.add_argument("--steps", type=int, help="outer steps T")
-    g.add_argument("--g", type=int, help="datasets per step (the teacher's RLOO group)")
-    g.add_argument("--n", type=int, help="question-answer pairs per dataset")
-    g.add_argument("--r", type=int, help="students trained per dataset")
-    g.add_argument("--m", type=int, help="reward questions Q_R drawn from D_train each step")
-    g.add_argument("--tau", type=float, help="promotion threshold on the moving average of R_hat")
-    g.add_argument("--window", type=int, help="moving-average window w")
-    g.add_argument("--reward", choices=["grounded", "learnability"],
-                   help="teacher reward: SOAR's grounded gain (default), or the Intrinsic-T learnability baseline")
-    g.add_argument("--no-promotion", action="store_true", default=None, help="never promote (a baseline)")
-    g.add_argument("--no-teacher-update", action="store_true", default=None, help="freeze the teacher (Base-T)")
+    flag(g, "--steps", "outer steps T", type=int)
+    flag(g, "--g", "datasets per step (the teacher's RLOO group)", type=int)
+    flag(g, "--n", "question-answer pairs per dataset", type=int)
+    flag(g, "--r", "students trained per dataset (repeats)", type=int)
+    flag(g, "--m", "reward questions Q_R drawn from D_train each step (at most all of D_train)", type=int)
+    flag(g, "--tau", "promotion threshold on the moving average of R_hat", type=float)
+    flag(g, "--window", "moving-average window w (outer steps)", type=int)
+    flag(g, "--reward", "teacher reward: grounded (SOAR; default) or learnability (the Intrinsic-T baseline)",
+         choices=["grounded", "learnability"])
+    flag(g, "--no-promotion", "never promote (a baseline)", action="store_true", default=None)
+    flag(g, "--no-teacher-update", "freeze the teacher (the Base-T baseline)", action="store_true", default=None)
     g = ap.add_argument_group("inner loop (student RLOO)")
-    g.add_argument("--inner-steps", type=int, help="S, RLOO steps per inner student")
-    g.add_argument("--inner-steps-inc", type=int, help="S grows by this after each promotion")
-    g.add_argument("--inner-steps-max", type=int, help="cap on S")
-    g.add_argument("--student-lr", type=float)
-    g.add_argument("--student-kl", type=float)
-    g.add_argument("--student-questions", type=int, help="questions per RLOO step")
-    g.add_argument("--student-group", type=int, help="samples per question")
-    g.add_argument("--student-max-new-tokens", type=int)
+    flag(g, "--inner-steps", "S, RLOO steps per inner student", type=int)
+    flag(g, "--inner-steps-inc", "S grows by this after each promotion", type=int)
+    flag(g, "--inner-steps-max", "cap on S", type=int)
+    flag(g, "--student-lr", "inner students' AdamW learning rate (no warmup, cosine decay over the S steps)",
+         type=float)
+    flag(g, "--student-kl", "inner students' k3 KL weight to the baseline", type=float)
+    flag(g, "--student-questions", "questions per inner RLOO step", type=int)
+    flag(g, "--student-group", "samples per question (the RLOO group)", type=int)
+    flag(g, "--student-max-new-tokens", "the one student budget: tokens per completion in training, in every "
+                                        "greedy evaluation (Q_R, D_train) and in learnability sampling", type=int)
+    g = ap.add_argument_group("teacher")
+    flag(g, "--teacher-lr", "teacher's AdamW learning rate", type=float)
+    flag(g, "--teacher-warmup", "teacher's linear warmup, in outer steps", type=int)
+    flag(g, "--teacher-kl", "teacher's k3 KL weight to the base model", type=float)
+    flag(g, "--teacher-max-new-tokens", "the one teacher budget: tokens per question-answer completion", type=int)
+    flag(g, "--max-teacher-rounds", "sampling rounds before giving up on enough valid pairs", type=int)
+    flag(g, "--temperature", "sampling temperature, teacher and students", type=float)
+    flag(g, "--top-p", "nucleus sampling, teacher and students (1: off)", type=float)
+    g = ap.add_argument_group("batching and threads (speed and memory only: the method is the same, though float "
+                              "rounding and the order of random draws change)")
+    flag(g, "--sample-batch", "sequences per sampling call (teacher and students)", type=int)
+    flag(g, "--micro-batch", "sequences per forward/backward (gradient accumulation)", type=int)
+    flag(g, "--threads", "torch CPU threads per process (0: torch's default); a count changes float rounding, "
+                         "so compare runs made with the same", type=int)
     g = ap.add_argument_group("scale-out (results do not depend on these)")
     g.add_argument("--workers", type=int,
                    help="inner students trained at once as Ray tasks; 0 = one after the other here, "
@@ -114,17 +162,6 @@ def parse_args(argv=None):
     g.add_argument("--ray-address", metavar="ADDR",
                    help="join this running Ray cluster (\"auto\": the one `ray start` made on this node) "
                         "instead of starting a local one of --workers CPUs (default: none, start locally)")
-    g = ap.add_argument_group("teacher")
-    g.add_argument("--teacher-lr", type=float)
-    g.add_argument("--teacher-warmup", type=int)
-    g.add_argument("--teacher-kl", type=float)
-    g.add_argument("--teacher-max-new-tokens", type=int)
-    g.add_argument("--sample-batch", type=int, help="sequences per generate call (teacher and students)")
-    g.add_argument("--max-teacher-rounds", type=int, help="sampling rounds before giving up on valid pairs")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--micro-batch", type=int, help="sequences per forward/backward (gradient accumulation)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (0 = torch's default)")
     a = ap.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if v is not None}  # flags actually passed
     if a.resume:
@@ -137,10 +174,12 @@ def parse_args(argv=None):
         if diff:
             ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
                      + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
-        cfg.setdefault("workers", 0)
-        cfg.setdefault("ray_address", None)
+        for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3).items():
+            cfg.setdefault(k, v)  # runs saved before these flags existed
         cfg.update(given)
         cfg["out"] = a.resume
+        if "teacher_prompt" in cfg:
+            add_style(cfg["style"], cfg["teacher_prompt"], cfg["student_prompt"])
         if cfg["workers"] < 0:
             ap.error(f"--workers must be >= 0 (got {cfg['workers']})")
         if cfg["ray_address"] and not cfg["workers"]:
@@ -149,6 +188,28 @@ def parse_args(argv=None):
     cfg = dict(PRESETS[a.preset or "toy"], preset=a.preset or "toy", seed=0, reward="grounded",
                no_promotion=False, no_teacher_update=False, resume=None, workers=0, ray_address=None)
     cfg.update(given)
+    # a preset's settings belong to its model's prompt style: a model that declares another style (or
+    # none: the paper's math prompts) does not silently run with them
+    try:
+        own = model_style(cfg["model"]) if "model" in given else cfg["style"]
+    except FileNotFoundError as e:
+        sys.exit(f"error: --model {cfg['model']}: {e}")
+    except ValueError as e:
+        ap.error(f"--model {cfg['model']}: {e}")
+    if "style" not in given and own != cfg["style"]:
+        ap.error(f"--model {cfg['model']} uses the {own!r} prompt style, but preset {cfg['preset']!r} is made for "
+                 f"{cfg['style']!r} models (its prompts, token budgets and learning rates). Use --preset "
+                 f"{'paper' if own == 'math' else 'toy'} with this model, or pass --style {cfg['style']} to run the "
+                 f"{cfg['preset']} settings on it on purpose.")
+    if "style" in given and own != cfg["style"]:
+        print(f"notice: running --model {cfg['model']} (style {own!r}) with the {cfg['style']!r} prompts of "
+              f"--style, and preset {cfg['preset']!r}'s budgets and learning rates", file=sys.stderr)
+    try:  # prompt files: their texts go into the config, so that --resume and the workers use them
+        cfg["style"] = use_prompt_files(cfg["style"], cfg.get("teacher_prompt_file"), cfg.get("student_prompt_file"))
+    except (OSError, ValueError) as e:
+        ap.error(f"prompt file: {e}")
+    if cfg["style"] not in BUILTIN_STYLES:
+        cfg["teacher_prompt"], cfg["student_prompt"] = teacher_prompt(cfg["style"]), STUDENT_PROMPTS[cfg["style"]]
     for k, lo in [("workers", 0), ("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1), ("student_group", 2)]:
         if cfg[k] < lo:
             ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
@@ -238,6 +299,11 @@ def main(argv=None):
         teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {cfg['model']}: {str(e).splitlines()[0]}")
+    try:
+        use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"])
+    except ImportError:
+        sys.exit("error: --sampler vllm needs vLLM on a CUDA machine: pip install -r requirements-gpu.txt "
+                 "(or run with --sampler hf)")
     ray, own_ray = None, False
     if cfg["workers"]:
         try:
@@ -253,14 +319,16 @@ def main(argv=None):
             json.dump(cfg, f, indent=1)
     except OSError as e:
         sys.exit(f"error: cannot write the run directory {out}: {e.strerror}")
-    teacher_ref = frozen_copy(teacher) if cfg["teacher_kl"] > 0 else None
+    teacher_ref = frozen_copy(teacher, cfg["dtype"]) if cfg["teacher_kl"] > 0 else None
+    mixed = precision(cfg["dtype"], next(student.parameters()).device)  # sampling and evaluation here
     t_opt, t_sched = make_optimizer(teacher, cfg["teacher_lr"], max(1, cfg["steps"]), cfg["teacher_warmup"])
     tcfg = RLConfig(lr=cfg["teacher_lr"], kl_coef=cfg["teacher_kl"], temperature=cfg["temperature"],
-                    max_new_tokens=cfg["teacher_max_new_tokens"], micro_batch=cfg["micro_batch"], style=cfg["style"])
+                    max_new_tokens=cfg["teacher_max_new_tokens"], micro_batch=cfg["micro_batch"], style=cfg["style"],
+                    dtype=cfg["dtype"])
     scfg = RLConfig(lr=cfg["student_lr"], kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
                     group=cfg["student_group"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                     max_new_tokens=cfg["student_max_new_tokens"], micro_batch=cfg["micro_batch"],
-                    sample_batch=cfg["sample_batch"], style=cfg["style"])
+                    sample_batch=cfg["sample_batch"], style=cfg["style"], dtype=cfg["dtype"])
     state = dict(step=0, history=[], window=[], promotions=0, inner_steps=cfg["inner_steps"], pq=[])
     if cfg.get("resume") and os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path)
@@ -290,13 +358,15 @@ def main(argv=None):
             torch.manual_seed(seed * 1_000_003 + t)  # each step reseeded: a resumed run repeats exactly
             rng = random.Random(seed * 1_000_003 + t)
             # 1. teacher sampling with rejection
-            datasets, st = sample_teacher_datasets(
-                teacher, tok, cfg["g"], cfg["n"], cfg["style"], cfg["temperature"], cfg["top_p"],
-                cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"],
-                reject_path=os.path.join(out, "rejected.jsonl"))
+            with mixed:
+                datasets, st = sample_teacher_datasets(
+                    teacher, tok, cfg["g"], cfg["n"], cfg["style"], cfg["temperature"], cfg["top_p"],
+                    cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"],
+                    reject_path=os.path.join(out, "rejected.jsonl"))
             # 2. fresh reward questions, baseline accuracy
             qr = rng.sample(hard, min(cfg["m"], len(hard)))
-            base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
+            with mixed:
+                base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
             # 3. inner loop: g x r students
             try:
                 results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"], state["inner_steps"],
@@ -306,8 +376,11 @@ def main(argv=None):
                 raise InnerStudentError(f"step {t}: {e}") from e
             remote_timeouts += sum(res.remote_verifier_timeouts for res in results)
             grounded = [res.reward for res in results]
-            rewards = grounded if cfg["reward"] == "grounded" else learnability_rewards(
-                student, tok, datasets, cfg["student_group"], scfg, seed=seed * 1_000_003 + t)
+            rewards = grounded
+            if cfg["reward"] == "learnability":
+                with mixed:
+                    rewards = learnability_rewards(student, tok, datasets, cfg["student_group"], scfg,
+                                                   seed=seed * 1_000_003 + t)
             # 4. promotion, on the grounded reward (the measured gain) whichever reward trains the teacher
             r_hat = sum(grounded) / len(grounded)
             state["history"].append(r_hat)
@@ -322,7 +395,8 @@ def main(argv=None):
                 state["inner_steps"] = min(state["inner_steps"] + cfg["inner_steps_inc"], cfg["inner_steps_max"])
                 state["window"] = []
                 # PS is the promoted student with the best greedy accuracy on all of D_train
-                train_acc = greedy_accuracy(student, tok, hard, cfg["style"], cfg["student_max_new_tokens"])
+                with mixed:
+                    train_acc = greedy_accuracy(student, tok, hard, cfg["style"], cfg["student_max_new_tokens"])
                 promoted = dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
                 if train_acc > state.get("ps_train_acc", -1.0):
                     state["ps_train_acc"], state["ps_step"] = train_acc, t

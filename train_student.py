@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from evaluate import greedy_accuracy, load_problems, shaped_reward
-from generate import (STUDENT_PROMPTS, fast_path_ok, lean_hidden, lean_weights, load_model, load_tokenizer, model_style, sample,
-                      save_model, student_prompt)
+from generate import (HelpFormatter, add_prompt_args, add_sampler_args, fast_path_ok, lean_hidden, lean_weights, load_model,
+                      load_tokenizer, precision, resolve_style, sample, save_model, student_prompt, use_sampler)
 
 
 @dataclass
@@ -52,6 +52,7 @@ class RLConfig:
     micro_batch: int = 64          # sequences per forward/backward (gradient accumulation)
     sample_batch: int = 64         # sequences per generate call
     style: str = "math"            # prompt wording (generate.STUDENT_PROMPTS)
+    dtype: str = "fp32"            # "bf16": bf16 autocast over fp32 weights, bf16 frozen reference (generate.precision)
 
 
 @dataclass
@@ -152,6 +153,7 @@ def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sche
     (which would favour long wrong answers), and micro-batching does not change the
     gradient. A non-finite loss or gradient skips the update and leaves the weights as they were."""
     model.train()
+    dev = next(model.parameters()).device
     n_tok = sum(len(e.ids) for e in episodes)
     opt.zero_grad(set_to_none=True)
     tot_pg = tot_kl = 0.0
@@ -163,12 +165,13 @@ def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sche
     order = [e for g in sorted(groups.values(), key=lambda g: max(len(e.prompt_ids) + len(e.ids) for e in g)) for e in g]
     for s in range(0, len(order), cfg.micro_batch):
         mb = order[s:s + cfg.micro_batch]
-        logp, mask = completion_logprobs(model, mb, cfg.temperature, pad_id)
+        with precision(cfg.dtype, dev):
+            logp, mask = completion_logprobs(model, mb, cfg.temperature, pad_id)
         adv = torch.tensor([e.advantage for e in mb], device=logp.device)
         pg = pg_loss(logp, mask, adv, n_tok)
         loss = pg
         if ref_model is not None and cfg.kl_coef > 0:
-            with torch.inference_mode():
+            with torch.inference_mode(), precision(cfg.dtype, dev):
                 ref_logp, _ = completion_logprobs(ref_model, mb, cfg.temperature, pad_id)
             d = ref_logp - logp  # k3 estimator of KL(pi || ref): e^d - d - 1 >= 0, unbiased
             kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok
@@ -198,8 +201,11 @@ def make_optimizer(model, lr, total_steps, warmup=0):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
-def frozen_copy(model):
+def frozen_copy(model, dtype="fp32"):
+    """A frozen copy of model (a KL reference), in bf16 when the run is (it is only ever read)."""
     ref = copy.deepcopy(model).eval()
+    if dtype == "bf16":
+        ref.to(torch.bfloat16)
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
@@ -213,7 +219,8 @@ def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False)
     from tqdm import tqdm
 
     rng = rng or random.Random(0)
-    ref = frozen_copy(model) if cfg.kl_coef > 0 else None
+    ref = frozen_copy(model, cfg.dtype) if cfg.kl_coef > 0 else None
+    dev = next(model.parameters()).device
     opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup)
     order, pool = [], None
     for step in tqdm(range(steps), desc="student RLOO", disable=not progress, leave=False):
@@ -226,9 +233,10 @@ def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False)
                 order = list(range(len(pool)))
                 rng.shuffle(order)
             batch.append(pool[order.pop()])
-        comps = sample(model, tok, [student_prompt(q, cfg.style) for q, _ in batch], n=cfg.group,
-                       temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                       batch_size=cfg.sample_batch)
+        with precision(cfg.dtype, dev):
+            comps = sample(model, tok, [student_prompt(q, cfg.style) for q, _ in batch], n=cfg.group,
+                           temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                           batch_size=cfg.sample_batch)
         rewards = torch.tensor([shaped_reward(c.text, batch[i // cfg.group][1]) for i, c in enumerate(comps)])
         adv = rloo_advantages(rewards.view(len(batch), cfg.group)).flatten()
         eps = [Episode(c.prompt_ids, c.ids, r.item(), a.item()) for c, r, a in zip(comps, rewards, adv)]
@@ -246,29 +254,32 @@ def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="local model directory or hub name")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", required=True, help="local model directory, .gguf file or hub name")
     ap.add_argument("--data", required=True, help="JSONL problems to train on")
     ap.add_argument("--eval-data", help="JSONL problems for greedy accuracy before/after (default: --data)")
     ap.add_argument("--out", required=True, help="run directory")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=30, help="RLOO steps")
+    ap.add_argument("--seed", type=int, default=0, help="seed of question order and sampling")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: bfloat16 autocast over fp32 master weights (generate.precision)")
     g = ap.add_argument_group("RLOO (defaults: the toy world's; the paper uses lr 1e-5, 8 x 32, 1024 tokens)")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--warmup", type=int, default=0)
-    g.add_argument("--kl-coef", type=float, default=0.001)
-    g.add_argument("--questions", type=int, default=8)
-    g.add_argument("--group", type=int, default=8)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
-                    help="prompt wording (default: the model directory's soar.json, else math: the paper's)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    g.add_argument("--warmup", type=int, default=0, help="linear warmup steps before the cosine decay")
+    g.add_argument("--kl-coef", type=float, default=0.001, help="weight of the k3 KL to the starting policy (0: none)")
+    g.add_argument("--questions", type=int, default=8, help="questions per step")
+    g.add_argument("--group", type=int, default=8, help="samples per question (the RLOO group)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--max-new-tokens", type=int, default=120,
+                   help="student completion budget (the toy preset's; the paper's is 1024)")
+    add_prompt_args(ap)
+    add_sampler_args(ap)
     a = ap.parse_args(argv)
     if a.group < 2:
         ap.error("--group must be >= 2 for RLOO")
-    style = a.style or model_style(a.model)
+    style = resolve_style(ap, a, a.model)
     cfg = RLConfig(lr=a.lr, warmup=a.warmup, kl_coef=a.kl_coef, questions=a.questions, group=a.group,
-                   temperature=a.temperature, max_new_tokens=a.max_new_tokens, style=style)
+                   temperature=a.temperature, max_new_tokens=a.max_new_tokens, style=style, dtype=a.dtype)
     try:
         probs = load_problems(a.data)
         evals = load_problems(a.eval_data) if a.eval_data else probs
@@ -277,10 +288,13 @@ def main(argv=None):
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     tok, model = load_tokenizer(a.model), load_model(a.model)
+    use_sampler(a.sampler, a.model, a.vllm_memory)
+    dev = next(model.parameters()).device
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump({**vars(a), "rl": asdict(cfg)}, f, indent=1)
-    acc0 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
+    with precision(a.dtype, dev):
+        acc0 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
     print(f"greedy accuracy before: {acc0:.3f}")
     mf, sf, t0 = open(os.path.join(a.out, "metrics.jsonl"), "w"), open(os.path.join(a.out, "samples.jsonl"), "w"), time.time()
 
@@ -293,7 +307,8 @@ def main(argv=None):
               f"zero-signal groups {stats['zero_signal_groups']}/{len(batch)}")
 
     train(model, tok, [(p["problem"], p["answer"]) for p in probs], a.steps, cfg, random.Random(a.seed), log, True)
-    acc1 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
+    with precision(a.dtype, dev):
+        acc1 = greedy_accuracy(model, tok, evals, style, a.max_new_tokens)
     print(f"greedy accuracy after: {acc1:.3f}")
     save_model(model, tok, os.path.join(a.out, "model"), style)
     with open(os.path.join(a.out, "result.json"), "w") as f:

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from evaluate import get_verifier, grade, greedy_accuracy, load_problems, teacher_pair
-from generate import load_model, load_tokenizer, sample, student_prompt, teacher_prompt
+from generate import (STUDENT_PROMPTS, HelpFormatter, add_prompt_args, add_sampler_args, add_style, load_model,
+                      load_tokenizer, precision, resolve_style, sample, sampler_spec, save_model, student_prompt,
+                      teacher_prompt, use_sampler)
 from train_student import (Episode, RLConfig, frozen_copy, make_optimizer, policy_gradient_step, rloo_advantages,
                            train)
 
@@ -44,25 +46,23 @@ class TeacherSamplingError(RuntimeError):
 
 
 def sample_teacher_datasets(model, tok, g, n, style="math", temperature=1.0, top_p=1.0, max_new_tokens=512,
-                            batch_size=64, max_rounds=20, verifier=None, reject_path=None, sampler=None):
+                            batch_size=64, max_rounds=20, verifier=None, reject_path=None):
     """Sample until g*n valid teacher completions exist; return (datasets, stats).
 
     datasets[k] is a list of n (Completion, question, answer). Invalid completions are
     dropped and resampled, so every dataset in the RLOO group is complete and the
-    advantages still sum to zero. Valid: evaluate.teacher_pair (tags, \\boxed{}, Math-Verify
-    parses), whether or not the completion reached the token limit. Gives up after max_rounds batches, writing the
-    rejected samples to reject_path for inspection."""
+    advantages still sum to zero. Valid: the paper's three filters, evaluate.teacher_pair (question
+    and answer tags, a \\boxed{} answer, an answer Math-Verify parses); a completion cut at the
+    token limit that passes them is valid too (the filters, not the length, decide). Gives up after
+    max_rounds batches, writing the rejected samples to reject_path for inspection."""
     verifier = verifier or get_verifier()
     prompt = teacher_prompt(style)
     valid, rejected, drawn = [], [], 0
     need = g * n
     for _ in range(max_rounds):
         want = max(batch_size, need - len(valid))
-        if sampler is not None:
-            comps = sampler([prompt], n=want, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
-        else:
-            comps = sample(model, tok, [prompt], n=want, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size)
+        comps = sample(model, tok, [prompt], n=want, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
         drawn += len(comps)
         for c in comps:
             qa = teacher_pair(c.text, verifier)
@@ -150,17 +150,21 @@ def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
         s = copy.deepcopy(student)
         torch.manual_seed(seed * 100_003 + k * 1009 + j)
         train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j), on_step=count)
-        acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+        with precision(cfg.dtype, next(s.parameters()).device):
+            acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
     state = {n: t.detach().cpu().clone() for n, t in s.state_dict().items()}
     del s
     return acc, health, state
 
 
-def _inner_student_task(base, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads):
+def _inner_student_task(base, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads, proc):
     """The Ray task for student (k, j): base is the object-store copy of the baseline (model on
-    CPU and tokenizer, one put per outer step). Returns what the sequential loop computes, plus
+    CPU and tokenizer, one put per outer step); proc the driver's sampler and prompt texts, set
+    up the same way in this worker process. Returns what the sequential loop computes, plus
     this worker's verifier timeouts during the task."""
     _maybe_die(k, j)
+    add_style(*proc["style"])
+    use_sampler(**proc["sampler"])
     model, tok = base["model"], base["tok"]
     if torch.cuda.is_available():  # the task was given one GPU (num_gpus=1); Ray sets CUDA_VISIBLE_DEVICES
         model = model.to("cuda")
@@ -257,12 +261,14 @@ def _grounded_rewards_ray(student, tok, datasets, reward_qs, base_acc, repeats, 
     task = ray.remote(**opts)(_inner_student_task)
     jobs = [(k, j) for k in range(len(datasets)) for j in range(repeats)]
     pairs = [[(q, a) for _, q, a in data] for data in datasets]
+    proc = dict(sampler=sampler_spec(), style=(cfg.style, teacher_prompt(cfg.style), STUDENT_PROMPTS[cfg.style]))
     refs = {}
 
     def submit(i):  # keep at most `workers` tasks in flight ahead of the one being collected
         while len(refs) < workers and i < len(jobs):
             k, j = jobs[i]
-            refs[(k, j)] = task.remote(base, pairs[k], reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads)
+            refs[(k, j)] = task.remote(base, pairs[k], reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads,
+                                       proc)
             i += 1
         return i
 
@@ -327,23 +333,27 @@ def teacher_step(teacher, opt, sched, datasets, rewards, cfg, pad_id, ref_model=
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="teacher model directory or hub name")
-    ap.add_argument("--student", required=True, help="baseline student model directory or hub name")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--teacher", required=True, help="teacher model: directory, .gguf file or hub name")
+    ap.add_argument("--student", required=True, help="baseline student model: directory, .gguf file or hub name")
     ap.add_argument("--reward-data", required=True, help="JSONL of hard problems (Q_R is drawn from it)")
-    ap.add_argument("--style", choices=["math", "toy"], default=None)
-    ap.add_argument("--g", type=int, default=4, help="datasets per teacher step (RLOO group)")
+    ap.add_argument("--g", type=int, default=4, help="datasets per teacher step (the teacher's RLOO group)")
     ap.add_argument("--n", type=int, default=16, help="questions per dataset")
     ap.add_argument("--r", type=int, default=1, help="students trained per dataset")
-    ap.add_argument("--inner-steps", type=int, default=10)
-    ap.add_argument("--m", type=int, default=32, help="reward questions Q_R")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--inner-steps", type=int, default=20, help="S, RLOO steps per inner student")
+    ap.add_argument("--m", type=int, default=32, help="reward questions Q_R drawn from --reward-data")
+    ap.add_argument("--teacher-max-new-tokens", type=int, default=160,
+                    help="teacher completion budget (the toy preset's; the paper's is 512)")
+    ap.add_argument("--student-max-new-tokens", type=int, default=120,
+                    help="student completion budget, training and evaluation (the toy preset's; the paper's is 1024)")
     ap.add_argument("--out", help="save the updated teacher here")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    add_prompt_args(ap)
+    add_sampler_args(ap)
     a = ap.parse_args(argv)
     if a.g < 2:
         ap.error("--g must be >= 2 for RLOO")
-    style = a.style or ("toy" if "toy" in a.teacher else "math")
+    style = resolve_style(ap, a, a.teacher)
     try:
         hard = load_problems(a.reward_data)
     except (ValueError, FileNotFoundError) as e:
@@ -351,19 +361,20 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     tok = load_tokenizer(a.teacher)
     teacher, student = load_model(a.teacher), load_model(a.student)
-    cfg = RLConfig(lr=1e-4, questions=8, group=8, max_new_tokens=a.max_new_tokens, style=style)
-    datasets, st = sample_teacher_datasets(teacher, tok, a.g, a.n, style, max_new_tokens=a.max_new_tokens)
+    use_sampler(a.sampler, a.teacher, a.vllm_memory)
+    cfg = RLConfig(lr=1e-4, questions=8, group=8, max_new_tokens=a.student_max_new_tokens, style=style)
+    datasets, st = sample_teacher_datasets(teacher, tok, a.g, a.n, style, max_new_tokens=a.teacher_max_new_tokens)
     qr = random.Random(a.seed).sample(hard, min(a.m, len(hard)))
-    base = greedy_accuracy(student, tok, qr, style, a.max_new_tokens)
+    base = greedy_accuracy(student, tok, qr, style, a.student_max_new_tokens)
     results, _ = grounded_rewards(student, tok, datasets, qr, base, a.r, a.inner_steps, cfg, a.seed, progress=True)
     opt, sched = make_optimizer(teacher, 1e-5, 1)
-    stats = teacher_step(teacher, opt, None, datasets, [r.reward for r in results], cfg, tok.pad_token_id,
+    tcfg = RLConfig(lr=1e-5, max_new_tokens=a.teacher_max_new_tokens, style=style)
+    stats = teacher_step(teacher, opt, None, datasets, [r.reward for r in results], tcfg, tok.pad_token_id,
                          frozen_copy(teacher))
     print(json.dumps({"rejection_rate": st["rejection_rate"], "baseline_acc": base,
                       "rewards": [r.reward for r in results], **stats}))
     if a.out:
-        teacher.save_pretrained(a.out)
-        tok.save_pretrained(a.out)
+        save_model(teacher, tok, a.out, style)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """
-experiments/report.py -- the paper-style table and plots from result directories.
+python -m experiments.report -- the paper-style table and plots from result directories. Run it from
+the repository root (`python experiments/report.py` works too: it imports nothing of the project).
 
-    python experiments/report.py --root runs/toy_table                            # -> runs/toy_table/report/
-    python experiments/report.py --root runs/toy_table --out experiments/results  # regenerate the committed files
+    python -m experiments.report --root runs/toy_table                            # -> runs/toy_table/report/
+    python -m experiments.report --root runs/toy_table --out experiments/results  # regenerate the committed files
 
 Reads ROOT/<method>-seed<S>/result.json (pass@k) and ROOT/soar-seed<S>/metrics.jsonl, and writes to OUT
-    toy_table.md    pass@k per method, mean +- SD over seeds
-    toy_table.json  the same numbers, per seed
+    NAME.md         pass@k per method, mean +- SD over seeds
+    NAME.json       the same numbers, per seed
     *.png           teacher reward (with moving average and promotions), pass@k curves,
-                    teacher question difficulty by promotion stage
-The committed experiments/results/ were made with the second command.
+                    teacher question difficulty by promotion stage, teacher diversity
+By default OUT is ROOT/report: nothing lands in experiments/results unless --out names it.
+The committed experiments/results/toy_table.md, toy_table.json and the four PNGs were made with the
+second command (spelled `python experiments/report.py ...` then) from the sweep of
+experiments/toy_table.py; the other files there come from soar.py and experiments/bench.py.
 matplotlib is needed for the plots only (pip install matplotlib); without it only the table is written.
 """
 import argparse
@@ -20,6 +24,16 @@ import re
 import statistics
 
 KS = (1, 4, 8, 16, 32)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help; a flag whose default is
+    worked out at run time (None here) says in its help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 METHODS = [("base", "base model"), ("hard-only", "Hard-Only"), ("soar-ps", "SOAR-PS"), ("soar-pq", "SOAR-PQ"),
            ("grounded-t", "Grounded-T"), ("base-t", "Base-T"), ("intrinsic-t", "Intrinsic-T")]
 
@@ -203,12 +217,13 @@ def plots(root, res, out_dir):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
-                    help="directory of the sweep's result directories (default: %(default)s)")
+                    help="directory of the sweep's result directories (ROOT/<method>-seed<S>/)")
     ap.add_argument("--out", help="where the table and plots go (default: ROOT/report; the committed copies "
                                   "are made with --out experiments/results)")
-    ap.add_argument("--name", default="toy_table", help="file name stem of the table (default: %(default)s)")
+    ap.add_argument("--name", default="toy_table", help="file name stem of the table: OUT/NAME.md and OUT/NAME.json")
     a = ap.parse_args(argv)
     a.out = a.out or os.path.join(a.root, "report")
     res = collect(a.root)

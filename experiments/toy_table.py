@@ -1,16 +1,32 @@
 """
-experiments/toy_table.py -- the paper's comparison on the toy world, end to end.
+python -m experiments.toy_table -- the paper's comparison on the toy world, end to end. Run it
+from the repository root:
 
-    python experiments/toy_table.py                 # every method x 3 seeds, then the report (~2 h 10 min, 2 cores)
-    python experiments/toy_table.py --seeds 0       # one seed (~42 min)
-    python experiments/toy_table.py --seeds 0 --dry # print the commands only
+    python -m experiments.toy_table                 # every method x 3 seeds, then the report
+    python -m experiments.toy_table --seeds 0       # one seed
+    python -m experiments.toy_table --seeds 0 --dry # print the commands only
 
 For each seed: SOAR (grounded teacher, promotion), Intrinsic-T (learnability reward), then
 the protocol: base model, Hard-Only, SOAR-PS, SOAR-PQ, Grounded-T, Base-T, Intrinsic-T.
 Every command is skipped when its result already exists, so an interrupted sweep continues
-where it stopped. Results go under --root (default runs/toy_table); the report script turns
-them into ROOT/report/toy_table.md and the PNG plots (`--results experiments/results` to
-regenerate the committed copies, which is how they were made).
+where it stopped. The commands run from the repository root, and relative --root / --results
+paths are taken from there too.
+
+Token budgets: the SOAR runs use soar.py's toy preset (student 120, teacher 160 tokens); the
+protocol's fresh students and every pass@k use experiments/protocol.py's defaults (student 160,
+teacher 320: see its --help for why they differ).
+
+Nothing here writes into shipped files by default: runs and results go under --root (default
+runs/toy_table) and the report into ROOT/report. The committed experiments/results/toy_table.md,
+toy_table.json and PNG plots came from `python experiments/toy_table.py --soar-steps 4` at commit
+333b3a2 (2 h 10 min for 3 seeds on 2 CPU cores then, 41-44 minutes per seed; the preset's T was 4),
+and `python experiments/report.py --root runs/toy_table --out experiments/results` rebuilt the table
+and plots from its run directories. To regenerate them with today's code:
+
+    python -m experiments.toy_table --soar-steps 4 --results experiments/results
+
+(the sampler and the fresh students' protocol have changed since, see experiments/protocol.py, so the
+digits will differ).
 """
 import argparse
 import os
@@ -20,9 +36,19 @@ import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+PROTOCOL = [PY, "-m", "experiments.protocol"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help; a flag whose default is
+    worked out at run time (None here) says in its help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def commands(root, seed, soar_steps=None):
+    """(file whose existence means done, command) for one seed, in order; run from the repository root."""
     r = lambda *p: os.path.join(root, *p)  # noqa: E731
     soar, intr = r(f"soar-seed{seed}"), r(f"intrinsic-seed{seed}")
     s = str(seed)
@@ -30,36 +56,39 @@ def commands(root, seed, soar_steps=None):
     return [
         (os.path.join(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", soar]),
         (os.path.join(intr, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", intr,
-                                    "--reward", "learnability"]),
-        (r(f"base-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "passk", "--model", "toy/model",
+                                          "--reward", "learnability"]),
+        (r(f"base-seed{seed}", "result.json"), [*PROTOCOL, "passk", "--model", "toy/model",
                                                 "--seed", s, "--out", r(f"base-seed{seed}")]),
-        (r(f"hard-only-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "hard-only", "--seed", s,
+        (r(f"hard-only-seed{seed}", "result.json"), [*PROTOCOL, "hard-only", "--seed", s,
                                                      "--out", r(f"hard-only-seed{seed}")]),
-        (r(f"soar-ps-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "ps", "--run", soar, "--seed", s,
+        (r(f"soar-ps-seed{seed}", "result.json"), [*PROTOCOL, "ps", "--run", soar, "--seed", s,
                                                    "--out", r(f"soar-ps-seed{seed}")]),
-        (r(f"soar-pq-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "pq", "--run", soar, "--seed", s,
+        (r(f"soar-pq-seed{seed}", "result.json"), [*PROTOCOL, "pq", "--run", soar, "--seed", s,
                                                    "--out", r(f"soar-pq-seed{seed}")]),
-        (r(f"grounded-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher",
+        (r(f"grounded-t-seed{seed}", "result.json"), [*PROTOCOL, "teacher", "--teacher",
                                                       os.path.join(soar, "teacher"), "--base", "toy/model", "--seed", s,
                                                       "--out", r(f"grounded-t-seed{seed}")]),
-        (r(f"base-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher", "toy/model",
+        (r(f"base-t-seed{seed}", "result.json"), [*PROTOCOL, "teacher", "--teacher", "toy/model",
                                                   "--seed", s, "--out", r(f"base-t-seed{seed}")]),
-        (r(f"intrinsic-t-seed{seed}", "result.json"), [PY, "experiments/protocol.py", "teacher", "--teacher",
+        (r(f"intrinsic-t-seed{seed}", "result.json"), [*PROTOCOL, "teacher", "--teacher",
                                                        os.path.join(intr, "teacher"), "--base", "toy/model", "--seed", s,
                                                        "--out", r(f"intrinsic-t-seed{seed}")]),
     ]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default: 0 1 2)")
-    ap.add_argument("--soar-steps", type=int, default=None, help="outer steps T (default: the toy preset's)")
+    ap = argparse.ArgumentParser(prog="python -m experiments.toy_table", description=__doc__,
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run, one sweep each")
+    ap.add_argument("--soar-steps", type=int, default=None,
+                    help="outer steps T of the SOAR and Intrinsic-T runs (default: soar.py's toy preset's T)")
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
-                    help="where every run and result goes (default: %(default)s)")
-    ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report)")
-    ap.add_argument("--dry", action="store_true", help="print the commands only")
+                    help="where every run and result goes (relative to the repository root)")
+    ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report; "
+                                      "--results experiments/results regenerates the committed copies)")
+    ap.add_argument("--dry", action="store_true", help="print the commands only; run nothing")
     a = ap.parse_args(argv)
-    os.chdir(HERE)
+    os.chdir(HERE)  # soar.py, -m experiments.protocol and toy/model are named from the repository root
     t0 = time.time()
     for seed in a.seeds:
         for done, cmd in commands(a.root, seed, a.soar_steps):
@@ -74,12 +103,12 @@ def main(argv=None):
             os.makedirs(a.root, exist_ok=True)
             log = os.path.join(a.root, os.path.basename(os.path.dirname(done)) + ".log")
             with open(log, "w") as f:
-                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode != 0:
                     sys.exit(f"failed: {' '.join(cmd)} (see {log})")
             print(f"  done, {time.time() - t0:.0f}s so far", flush=True)
     if not a.dry:
-        subprocess.run([PY, "experiments/report.py", "--root", a.root,
-                        "--out", a.results or os.path.join(a.root, "report")], check=True)
+        subprocess.run([PY, "-m", "experiments.report", "--root", a.root,
+                        "--out", a.results or os.path.join(a.root, "report")], check=True, cwd=HERE)
         print(f"total wall time: {time.time() - t0:.0f}s")
 
 

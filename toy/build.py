@@ -1,14 +1,23 @@
 """
-Build the toy world: a byte-level tokenizer, a tiny Llama, its pretraining, and the
-hard set (found with evaluate.py's fail@k filter, not assumed).
+python -m toy.build -- build the toy world: a byte-level tokenizer, a tiny Llama, its pretraining,
+and the hard set (found with evaluate.py's fail@k filter, not assumed). Run it from the repository
+root:
 
     python -m toy.build pretrain                        # one stage, ~15 min on 2 CPU cores -> runs/toy/model
     python -m toy.build edge --model toy/model          # skill by difficulty: where the edge is
     python -m toy.build hardset --model toy/model       # fail@128 filter -> runs/toy/hard/{train,test}.jsonl
 
-By default nothing is written under toy/: the shipped toy/model and toy/hard are only
-replaced when --out toy/model / --out-dir toy/hard ask for it. toy/README.md gives the exact
-commands that made them (three pretraining stages, then the hard-set filter).
+By default nothing is written under toy/: pretrain writes runs/toy/model (and its step checkpoints
+beside it), hardset runs/toy/hard, and edge prints its table (--out writes it too). The shipped
+toy/model, toy/hard and toy/edge.json are only replaced when --out toy/model, --out-dir toy/hard or
+--out toy/edge.json ask for it. toy/README.md gives the exact commands that made them (three
+pretraining stages, the edge table, then the hard-set filter).
+
+Token budget: edge and hardset let the student (and, in edge, the teacher) write up to
+--max-new-tokens 200 tokens, as toy/edge.json and toy/hard were made. That is more than soar.py's
+toy preset (student 120, teacher 160) on purpose: a correct L = 10 student completion takes 96
+tokens and a teacher question at L = 10 with its working 134, so a problem is never counted as
+failed, or a teacher completion as invalid, only because the budget cut it.
 
 The corpus teaches two things, in the exact prompt formats of generate.py:
   (a) solving chains in the student format, with a decaying tail of difficulty
@@ -22,14 +31,14 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from generate import student_prompt, teacher_prompt  # noqa: E402
-from toy import task  # noqa: E402
+from generate import student_prompt, teacher_prompt
+from toy import task
 
 EOS = "<|endoftext|>"
 MAX_L = 10
@@ -118,7 +127,7 @@ def pretrain(a):
             model.save_pretrained(out)
             tok.save_pretrained(out)
             with open(os.path.join(out, "build.json"), "w") as f:
-                json.dump({**vars(a), "step": step + 1, "command": " ".join(sys.argv)}, f, indent=1)
+                json.dump({**vars(a), "step": step + 1}, f, indent=1)
             print(f"saved {out}", flush=True)
 
 
@@ -138,7 +147,8 @@ def hardset(a):
         for r in records:
             f.write(json.dumps(r) + "\n")
     evaluate.main(["--model", a.model, "--data", pool, "--fail-at", str(a.k), "--style", "toy",
-                   "--max-new-tokens", "200", "--batch-size", "128", "--out", a.out_dir, "--seed", str(a.seed)])
+                   "--max-new-tokens", str(a.max_new_tokens), "--batch-size", "128", "--out", a.out_dir,
+                   "--seed", str(a.seed)])
 
 
 def edge(a):
@@ -154,13 +164,14 @@ def edge(a):
     rows = []
     for L in a.levels:
         probs = task.problems(a.per_level, L, seed=10_000 + L)  # not the hard pool's seeds
-        counts = evaluate.success_counts(model, tok, probs, a.samples, "toy", max_new_tokens=200, batch_size=128,
-                                         progress=False)
-        g = evaluate.greedy_accuracy(model, tok, probs, "toy", max_new_tokens=200)
+        counts = evaluate.success_counts(model, tok, probs, a.samples, "toy", max_new_tokens=a.max_new_tokens,
+                                         batch_size=128, progress=False)
+        g = evaluate.greedy_accuracy(model, tok, probs, "toy", max_new_tokens=a.max_new_tokens)
         rows.append({"L": L, "sampled": sum(counts) / (a.samples * len(probs)), "greedy": g,
                      "solved_any": sum(c > 0 for c in counts) / len(probs)})
         print(json.dumps(rows[-1]), flush=True)
-    comps = sample(model, tok, [teacher_prompt("toy")], n=a.teacher_samples, max_new_tokens=200, batch_size=128)
+    comps = sample(model, tok, [teacher_prompt("toy")], n=a.teacher_samples, max_new_tokens=a.max_new_tokens,
+                   batch_size=128)
     parsed = [teacher_pair(c.text) for c in comps]
     ok = [p for p in parsed if p]
     by_L = {}
@@ -168,47 +179,80 @@ def edge(a):
         L = task.difficulty(q)
         right = L is not None and task.solve(q)[1] == ans
         by_L.setdefault(L, []).append(right)
+    levels = sorted(by_L.items(), key=lambda x: (x[0] is None, x[0] or 0))  # L = None (not a chain) last
     teacher = {"valid": len(ok) / len(comps),
-               "by_L": {str(L): {"share": len(v) / len(ok), "answer_right": sum(v) / len(v)} for L, v in sorted(by_L.items(), key=lambda x: (x[0] is None, x[0] or 0))}}
+               "by_L": {str(L): {"share": len(v) / len(ok), "answer_right": sum(v) / len(v)} for L, v in levels}}
     print(json.dumps({"teacher": teacher}), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"student": rows, "teacher": teacher, "model": a.model}, f, indent=1)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each flag's default after its help; a flag whose default is
+    worked out at run time (None here) says in its help what it falls back to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+BUDGET = ("200, as the shipped files were made, is more than soar.py's toy preset (student 120, teacher 160) "
+          "on purpose: a correct L = 10 student completion takes 96 tokens")
+STUDENT_BUDGET_HELP = f"student completion budget in tokens; {BUDGET}, so no candidate counts as unsolved only " \
+                      "because a completion was cut"
+EDGE_BUDGET_HELP = f"completion budget in tokens, student and teacher alike; {BUDGET} and a teacher question " \
+                   "at L = 10 with its working 134, so no completion fails only because it was cut"
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pretrain", help="pretrain the toy model on the corpus")
-    p.add_argument("--out", default=os.path.join("runs", "toy", "model"), help="model directory (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=64, help="sequences per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine (default: %(default)s)")
+    ap = argparse.ArgumentParser(prog="python -m toy.build", description=__doc__, formatter_class=HelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{pretrain,hardset,edge}")
+    p = sub.add_parser("pretrain", help="pretrain the toy model on the corpus", formatter_class=HelpFormatter,
+                       description="Pretrain the toy model (or continue from --init) on the corpus.\n"
+                                   "toy/README.md gives the three stages that made toy/model.")
+    p.add_argument("--out", default=os.path.join("runs", "toy", "model"),
+                   help="model directory (--out toy/model replaces the shipped model)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    p.add_argument("--batch", type=int, default=64, help="sequences per step")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    p.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay to zero")
     p.add_argument("--save-at", type=int, nargs="*", default=[500, 750, 1000, 1250],
-                   help="also save OUT-step<N> at these steps (default: %(default)s)")
-    p.add_argument("--init", help="continue from this checkpoint instead of a random init")
+                   help="also save OUT-step<N> at these steps")
+    p.add_argument("--init", help="continue from this checkpoint (a fresh optimiser and schedule) instead of a "
+                                  "random init (default: a random init)")
     p.add_argument("--answer-digits", type=int, default=task.ANSWER_DIGITS,
                    help="answers hold the last N running results (0: all; the first two stages used 0)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    h = sub.add_parser("hardset", help="the fail@k filter on fresh candidates: the hard set")
-    h.add_argument("--model", default="toy/model", help="the model to filter with (default: %(default)s)")
-    h.add_argument("--levels", type=int, nargs="+", default=[9, 10], help="difficulties L (default: %(default)s)")
-    h.add_argument("--per-level", type=int, nargs="+", default=[48, 48], help="candidates per level (default: %(default)s)")
-    h.add_argument("--k", type=int, default=128, help="samples per candidate (default: %(default)s)")
-    h.add_argument("--out-dir", default=os.path.join("runs", "toy", "hard"), help="output directory (default: %(default)s)")
-    h.add_argument("--seed", type=int, default=0, help="seed of the candidates and of the split (default: %(default)s)")
-    e = sub.add_parser("edge", help="the model's skill by difficulty L, student and teacher")
-    e.add_argument("--model", default="toy/model", help="the model to measure (default: %(default)s)")
-    e.add_argument("--levels", type=int, nargs="+", default=list(range(3, 11)), help="difficulties L (default: 3..10)")
-    e.add_argument("--per-level", type=int, default=32, help="problems per L (default: %(default)s)")
-    e.add_argument("--samples", type=int, default=16, help="student samples per problem, T = 1 (default: %(default)s)")
-    e.add_argument("--teacher-samples", type=int, default=256, help="teacher completions (default: %(default)s)")
-    e.add_argument("--out", help="also write the table here (JSON; toy/edge.json was made this way)")
-    e.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    e.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the corpus")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    h = sub.add_parser("hardset", help="the fail@k filter on fresh candidates: the hard set",
+                       formatter_class=HelpFormatter,
+                       description="Draw candidates at the given difficulties, keep those that no sample\n"
+                                   "solves (fail@k), split them 50/50 into train.jsonl and test.jsonl.")
+    h.add_argument("--model", default="toy/model", help="the model to filter with")
+    h.add_argument("--levels", type=int, nargs="+", default=[9, 10], help="difficulties L of the candidates")
+    h.add_argument("--per-level", type=int, nargs="+", default=[48, 48],
+                   help="candidates per level: one count for all, or one per --levels entry")
+    h.add_argument("--k", type=int, default=128, help="samples per candidate (T = 1); kept if none is right")
+    h.add_argument("--max-new-tokens", type=int, default=200, help=STUDENT_BUDGET_HELP)
+    h.add_argument("--out-dir", default=os.path.join("runs", "toy", "hard"),
+                   help="output directory (--out-dir toy/hard replaces the shipped hard set)")
+    h.add_argument("--seed", type=int, default=0, help="seed of the candidates and of the split")
+    e = sub.add_parser("edge", help="the model's skill by difficulty L, student and teacher",
+                       formatter_class=HelpFormatter,
+                       description="Print the student's success by difficulty L (sampled at T = 1 and greedy)\n"
+                                   "and the teacher format's validity and answer accuracy.")
+    e.add_argument("--model", default="toy/model", help="the model to measure")
+    e.add_argument("--levels", type=int, nargs="+", default=list(range(3, 11)), help="difficulties L")
+    e.add_argument("--per-level", type=int, default=32, help="problems per L")
+    e.add_argument("--samples", type=int, default=16, help="student samples per problem, T = 1")
+    e.add_argument("--teacher-samples", type=int, default=256, help="teacher completions")
+    e.add_argument("--max-new-tokens", type=int, default=200, help=EDGE_BUDGET_HELP)
+    e.add_argument("--out", help="also write the table here, as JSON (default: print only; toy/edge.json was "
+                                 "made with --out toy/edge.json)")
+    e.add_argument("--seed", type=int, default=0, help="torch seed of the sampling")
+    e.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = ap.parse_args(argv)
+    a.command = shlex.join(["python", "-m", "toy.build", *(sys.argv[1:] if argv is None else argv)])  # for build.json
     {"pretrain": pretrain, "hardset": hardset, "edge": edge}[a.cmd](a)
 
 
