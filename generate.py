@@ -377,7 +377,7 @@ def lean_weights(model, max_len):
 def _plus_linear(h, x, wb):
     """h + linear(x): one fused addmm when there is no bias."""
     w, b = wb
-    if b is not None:
+    if b is not None or torch.is_autocast_enabled(h.device.type):  # under autocast addmm would make h bf16
         return h + F.linear(x, w, b)
     return torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), w.t()).view(h.shape)
 
@@ -420,7 +420,8 @@ def fast_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
     (P, Tp), Tmax, B = pmask.shape, pmask.shape[1] + max_new_tokens, len(chunk)
     w = lean_weights(model, Tmax)
     nh, nkv, hd = w["heads"]
-    new_cache = lambda rows, T: [tuple(torch.zeros(rows, nkv, T, hd, device=dev, dtype=model.dtype) for _ in "kv")
+    kv_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype  # bf16 mode: bf16
+    new_cache = lambda rows, T: [tuple(torch.zeros(rows, nkv, T, hd, device=dev, dtype=kv_dtype) for _ in "kv")
                                  for _ in w["layers"]]
     # 1. prefill the distinct prompts; a padding query attends to itself only (no all-masked rows)
     allowed = torch.ones(Tp, Tp, dtype=torch.bool, device=dev).tril() & pmask[:, None, None, :]

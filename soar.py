@@ -19,9 +19,9 @@ One outer step t (the SOAR paper, arXiv 2601.18778, its algorithm):
      the median student of argmax_k R_k becomes the baseline, X_k* joins PQ, S grows by 5;
   5. teacher update: RLOO over the g datasets (A_k = R_k - mean of the others), one PG step.
 
-Choices where the paper is silent, all flags: the moving-average window restarts after a
-promotion (rewards measured against the old baseline are not comparable); with r even the
-median student is the lower median; the window must be full before a promotion.
+Choices where the paper is silent, fixed here (not flags): the moving-average window restarts
+after a promotion (rewards measured against the old baseline are not comparable) and must be
+full before a promotion; with r even the median student is the lower median.
 Baselines by flag: --reward learnability (Intrinsic-T), --no-promotion, --no-teacher-update (Base-T).
 
 Workers: --workers 0 trains the inner students one after the other in this process; --workers N

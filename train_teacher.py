@@ -152,7 +152,12 @@ def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
         train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j), on_step=count)
         with precision(cfg.dtype, next(s.parameters()).device):
             acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
-    state = {n: t.detach().cpu().clone() for n, t in s.state_dict().items()}
+    state, copies = {}, {}
+    for n, t in s.state_dict().items():  # tied weights (embedding = lm_head) are copied once
+        key = (t.data_ptr(), t.shape)
+        if key not in copies:
+            copies[key] = t.detach().cpu().clone()
+        state[n] = copies[key]
     del s
     return acc, health, state
 
@@ -328,6 +333,7 @@ def teacher_step(teacher, opt, sched, datasets, rewards, cfg, pad_id, ref_model=
     adv = rloo_advantages(torch.tensor(rewards, dtype=torch.float32)[None])[0].tolist()
     episodes = [Episode(c.prompt_ids, c.ids, rewards[k], adv[k]) for k, data in enumerate(datasets) for c, _, _ in data]
     stats = policy_gradient_step(teacher, opt, episodes, cfg, pad_id, ref_model, sched)
+    opt.zero_grad(set_to_none=True)  # free the teacher's gradients (a model's size) before the next inner loop
     stats["advantages"] = adv
     return stats
 
