@@ -405,6 +405,7 @@ def main(argv=None):
             upd = {}
             if not cfg["no_teacher_update"]:
                 upd = teacher_step(teacher, t_opt, t_sched, datasets, rewards, tcfg, tok.pad_token_id, teacher_ref)
+                t_opt.zero_grad(set_to_none=True)  # free the teacher's gradients (a model's size) until next step
             questions = [q for data in datasets for _, q, _ in data]
             extra = {}
             if cfg["style"] == "toy":  # the toy world's difficulty knob, per question

@@ -333,7 +333,6 @@ def teacher_step(teacher, opt, sched, datasets, rewards, cfg, pad_id, ref_model=
     adv = rloo_advantages(torch.tensor(rewards, dtype=torch.float32)[None])[0].tolist()
     episodes = [Episode(c.prompt_ids, c.ids, rewards[k], adv[k]) for k, data in enumerate(datasets) for c, _, _ in data]
     stats = policy_gradient_step(teacher, opt, episodes, cfg, pad_id, ref_model, sched)
-    opt.zero_grad(set_to_none=True)  # free the teacher's gradients (a model's size) before the next inner loop
     stats["advantages"] = adv
     return stats
 

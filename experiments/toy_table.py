@@ -14,7 +14,7 @@ paths are taken from there too.
 
 Token budgets: the SOAR runs use soar.py's toy preset (student 120, teacher 160 tokens); the
 protocol's fresh students and every pass@k use experiments/protocol.py's defaults (student 160,
-teacher 320: see its --help for why they differ).
+see its --help for why; a teacher's evaluation questions get the budget it was trained with, 160).
 
 Nothing here writes into shipped files by default: runs and results go under --root (default
 runs/toy_table) and the report into ROOT/report. The committed experiments/results/toy_table.md,
