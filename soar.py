@@ -22,7 +22,9 @@ One outer step t (the SOAR paper, arXiv 2601.18778, its algorithm):
 Choices where the paper is silent, fixed here (not flags): the moving-average window restarts
 after a promotion (rewards measured against the old baseline are not comparable) and must be
 full before a promotion; with r even the median student is the lower median.
-Baselines by flag: --reward learnability (Intrinsic-T), --no-promotion, --no-teacher-update (Base-T).
+Baselines by flag: --reward learnability (Intrinsic-T, the paper's data-free baseline: the teacher
+is trained on the learnability reward alone, with no D_train, no inner students and no promotion),
+--no-promotion, --no-teacher-update (Base-T).
 
 Workers: --workers 0 trains the inner students one after the other in this process; --workers N
 runs them as Ray tasks (one CPU, and one GPU where there is one, each), at most N at a time, on a
@@ -219,7 +221,7 @@ def parse_args(argv=None):
         ap.error("--ray-address needs --workers N > 0")
     if cfg["n"] < cfg["student_questions"]:
         ap.error(f"--n ({cfg['n']}) must be >= --student-questions ({cfg['student_questions']})")
-    if not cfg["hard_train"]:
+    if not cfg["hard_train"] and cfg["reward"] == "grounded":
         ap.error("--hard-train is required for this preset (make it with: python evaluate.py --fail-at 128 ...)")
     cfg["out"] = cfg.get("out") or os.path.join("runs", f"soar-{cfg['preset']}-seed{cfg['seed']}")
     return cfg
@@ -268,6 +270,22 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
 
 
+def promote(student, tok, best, datasets, hard, state, cfg, t):
+    """Step 4: the median student of the best dataset becomes the baseline, its dataset joins PQ,
+    S grows; the promoted student with the best greedy accuracy on all of D_train is saved as PS."""
+    j = median_index(best.repeat_rewards)
+    student.load_state_dict(best.students[j])
+    state["pq"] += [{"question": q, "answer": a, "step": t} for _, q, a in datasets[best.k]]
+    state["promotions"] += 1
+    state["inner_steps"] = min(state["inner_steps"] + cfg["inner_steps_inc"], cfg["inner_steps_max"])
+    state["window"] = []  # rewards measured against the old baseline are not comparable
+    train_acc = greedy_accuracy(student, tok, hard, cfg["style"], cfg["student_max_new_tokens"])
+    if train_acc > state.get("ps_train_acc", -1.0):
+        state["ps_train_acc"], state["ps_step"] = train_acc, t
+        save_model(student, tok, os.path.join(cfg["out"], "ps"), cfg["style"])
+    return dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
+
+
 def load_checkpoint(path):
     """A run directory is data, never code: the checkpoint is read with weights_only=True, so a
     file holding anything but tensors and plain types is refused before any of it runs."""
@@ -284,12 +302,14 @@ def main(argv=None):
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if not cfg.get("resume") and os.path.exists(os.path.join(out, "config.json")):
         sys.exit(f"error: run directory {out} already holds a run; use --resume {out} or another --out")
-    try:
-        hard = load_problems(cfg["hard_train"])
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: --hard-train: {e}")
-    if len(hard) < 2:
-        sys.exit(f"error: --hard-train {cfg['hard_train']}: needs at least 2 problems, has {len(hard)}")
+    hard = None  # D_train: the grounded reward's; Intrinsic-T (--reward learnability) never reads it
+    if cfg["reward"] == "grounded":
+        try:
+            hard = load_problems(cfg["hard_train"])
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: --hard-train: {e}")
+        if len(hard) < 2:
+            sys.exit(f"error: --hard-train {cfg['hard_train']}: needs at least 2 problems, has {len(hard)}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     seed = cfg["seed"]
@@ -363,44 +383,35 @@ def main(argv=None):
                     teacher, tok, cfg["g"], cfg["n"], cfg["style"], cfg["temperature"], cfg["top_p"],
                     cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"],
                     reject_path=os.path.join(out, "rejected.jsonl"))
-            # 2. fresh reward questions, baseline accuracy
-            qr = rng.sample(hard, min(cfg["m"], len(hard)))
-            with mixed:
-                base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
-            # 3. inner loop: g x r students
-            try:
-                results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"], state["inner_steps"],
-                                                 scfg, seed=seed * 1_000_003 + t, progress=False,
-                                                 workers=cfg["workers"], threads=cfg["threads"])
-            except InnerStudentError as e:
-                raise InnerStudentError(f"step {t}: {e}") from e
-            remote_timeouts += sum(res.remote_verifier_timeouts for res in results)
-            grounded = [res.reward for res in results]
-            rewards = grounded
-            if cfg["reward"] == "learnability":
+            if cfg["reward"] == "grounded":
+                # 2. fresh reward questions, baseline accuracy
+                qr = rng.sample(hard, min(cfg["m"], len(hard)))
+                with mixed:
+                    base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
+                # 3. inner loop: g x r students
+                try:
+                    results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"],
+                                                     state["inner_steps"], scfg, seed=seed * 1_000_003 + t,
+                                                     progress=False, workers=cfg["workers"], threads=cfg["threads"])
+                except InnerStudentError as e:
+                    raise InnerStudentError(f"step {t}: {e}") from e
+                remote_timeouts += sum(res.remote_verifier_timeouts for res in results)
+                rewards = [res.reward for res in results]
+                # 4. promotion, when the moving average of R_hat exceeds tau
+                r_hat = sum(rewards) / len(rewards)
+                state["history"].append(r_hat)
+                state["window"].append(r_hat)
+                ma = moving_average(state["window"], cfg["window"])
+                promoted = None
+                if not cfg["no_promotion"] and should_promote(state["window"], cfg["window"], cfg["tau"]):
+                    with mixed:
+                        promoted = promote(student, tok, best, datasets, hard, state, cfg, t)
+            else:  # Intrinsic-T, the paper's data-free baseline: the learnability reward alone; no D_train,
+                # no inner students, no promotion (steps 2-4 do not exist for it)
                 with mixed:
                     rewards = learnability_rewards(student, tok, datasets, cfg["student_group"], scfg,
                                                    seed=seed * 1_000_003 + t)
-            # 4. promotion, on the grounded reward (the measured gain) whichever reward trains the teacher
-            r_hat = sum(grounded) / len(grounded)
-            state["history"].append(r_hat)
-            state["window"].append(r_hat)
-            ma = moving_average(state["window"], cfg["window"])
-            promoted = None
-            if not cfg["no_promotion"] and should_promote(state["window"], cfg["window"], cfg["tau"]):
-                j = median_index(best.repeat_rewards)
-                student.load_state_dict(best.students[j])
-                state["pq"] += [{"question": q, "answer": a, "step": t} for _, q, a in datasets[best.k]]
-                state["promotions"] += 1
-                state["inner_steps"] = min(state["inner_steps"] + cfg["inner_steps_inc"], cfg["inner_steps_max"])
-                state["window"] = []
-                # PS is the promoted student with the best greedy accuracy on all of D_train
-                with mixed:
-                    train_acc = greedy_accuracy(student, tok, hard, cfg["style"], cfg["student_max_new_tokens"])
-                promoted = dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
-                if train_acc > state.get("ps_train_acc", -1.0):
-                    state["ps_train_acc"], state["ps_step"] = train_acc, t
-                    save_model(student, tok, os.path.join(out, "ps"), cfg["style"])
+                results, base_acc, promoted, r_hat, ma = [], None, None, sum(rewards) / len(rewards), None
             # 5. teacher update
             upd = {}
             if not cfg["no_teacher_update"]:
@@ -412,7 +423,8 @@ def main(argv=None):
                 from toy.task import difficulty
 
                 extra["difficulty"] = [difficulty(q) for q in questions]
-            row = dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards, grounded_rewards=grounded,
+            row = dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
+                       grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
                        repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
                        promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
                        rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
@@ -432,9 +444,13 @@ def main(argv=None):
             atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(),
                              teacher_opt=t_opt.state_dict(), teacher_sched=t_sched.state_dict(), state=state,
                              rng=rng_state()), ckpt_path)
-            tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
-                       f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
-                       f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))
+            if cfg["reward"] == "grounded":
+                tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
+                           f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
+                           f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))
+            else:
+                tqdm.write(f"step {t:3d} | learnability {r_hat:.3f} | reject {st['rejection_rate']:.2f} "
+                           f"| {time.time() - t0:.0f}s")
     except TeacherSamplingError as e:
         sys.exit(f"error: {e}")
     except InnerStudentError as e:

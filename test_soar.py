@@ -715,6 +715,23 @@ def test_kill_and_resume_repeats_the_run(tiny, tmp_path):
     assert len(a) == 3 and a == b
 
 
+def test_intrinsic_t_is_data_free(tiny, tmp_path):
+    """--reward learnability: the teacher trains on the learnability reward alone; D_train is never
+    read (no --hard-train needed), no inner students are trained, nothing is promoted."""
+    args = tiny_soar_args(tiny, "unused", tmp_path / "run", steps=2)
+    i = args.index("--hard-train")
+    del args[i:i + 2]
+    nudged_soar_main(args + ["--reward", "learnability"])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["grounded_rewards"] is None and r["repeat_rewards"] == [] and r["baseline_acc"] is None
+        assert r["promoted"] is None and r["inner_zero_signal_groups"] == 0
+        assert len(r["rewards"]) == 2 and all(0 <= x <= 1 for x in r["rewards"])
+        assert r["reward_mean"] == pytest.approx(sum(r["rewards"]) / 2)
+    assert not (tmp_path / "run" / "ps").exists() and (tmp_path / "run" / "pq.jsonl").read_text() == ""
+
+
 def test_soar_rejects_nonsense_flags():
     for bad in (["--g", "1"], ["--r", "0"], ["--tau", "-1"], ["--n", "4", "--student-questions", "8"]):
         with pytest.raises(SystemExit):
@@ -806,16 +823,19 @@ def test_report_table_and_sweep_paths(tmp_path):
         for prefix, div in (("soar", 0.9), ("intrinsic", 0.2)):
             d = root / f"{prefix}-seed{seed}"
             d.mkdir()
-            rows = [{"step": t, "reward_mean": 0.1 * t, "reward_ma": 0.1, "promoted": t == 1,
-                     "question_diversity": div, "difficulty": [4, 6, None]} for t in range(2)]
+            rows = [{"step": t, "reward_mean": 0.1 * t, "reward_ma": 0.1, "promoted": t == 1 and seed == 0,
+                     "promotions": int(t == 1 and seed == 0), "question_diversity": div, "difficulty": [4, 6, None]}
+                    for t in range(2)]  # seed 1 never promotes
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     report.main(["--root", str(root), "--out", str(out), "--name", "t"])
     md = (out / "t.md").read_text()
-    assert "| SOAR-PQ | 2 | 20.0 ± 14.1 |" in md and "| Hard-Only | 0 | - |" in md
+    # PQ is averaged over the runs that promoted; the one that never did is counted, not averaged in
+    assert "| SOAR-PQ | 1 promoted (1 never promoted, left out) | 10.0 ± 0.0 |" in md and "| Hard-Only | 0 | - |" in md
+    assert "| SOAR run: promotions | 1 | 0 |" in md
     teach = json.load(open(out / "t.json"))["teachers"]
     assert teach["learnability reward (Intrinsic-T)"]["question_diversity"] == pytest.approx(0.2)
-    assert teach["grounded reward (SOAR)"]["promotions"] == {"0": 1, "1": 1}
+    assert teach["grounded reward (SOAR)"]["promotions"] == {"0": 1, "1": 0}
     assert teach["grounded reward (SOAR)"]["mean_difficulty"] == pytest.approx(5.0)
     # every path the sweep checks or passes lies directly under its root
     for done, cmd in toy_table.commands("R", 3):
@@ -919,7 +939,7 @@ def ray_run(cl, name, reward="grounded", workers=0, extra=()):
     return cl["runs"][name]
 
 
-@pytest.mark.parametrize("reward", ["grounded", "learnability"])
+@pytest.mark.parametrize("reward", ["grounded"])  # Intrinsic-T trains no inner students
 def test_ray_workers_give_the_sequential_metrics(ray_cluster, reward):
     seq = ray_run(ray_cluster, f"{reward}-w0", reward, 0)
     par = ray_run(ray_cluster, f"{reward}-w2", reward, 2)

@@ -54,13 +54,25 @@ def fmt(xs):
     return f"{mean:.1f} ± {sd:.1f}"
 
 
-def table(res):
+PROMOTION_METHODS = {"soar-ps", "soar-pq"}  # they exist only where the SOAR run promoted
+
+
+def table(res, promotions=None):
+    """pass@k per method, mean ± SD over seeds. As in the paper, SOAR-PS and SOAR-PQ are averaged
+    over the runs that promoted (their number of promotions is in the per-seed table); a run that
+    never promoted has no PS or PQ of its own (its "PS" is the base student, its PQ empty), so it is
+    counted and shown, not averaged in."""
+    promotions = promotions or {}
     lines = ["| method | seeds | " + " | ".join(f"pass@{k}" for k in KS) + " |",
              "|---|---|" + "---|" * len(KS)]
     for key, name in METHODS:
-        runs = res.get(key, {})
+        runs, seeds = res.get(key, {}), f"{len(res.get(key, {}))}"
+        if key in PROMOTION_METHODS and promotions:
+            never = [s for s in runs if not promotions.get(s)]
+            runs = {s: r for s, r in runs.items() if promotions.get(s)}
+            seeds = f"{len(runs)} promoted" + (f" ({len(never)} never promoted, left out)" if never else "")
         cells = [fmt([r[f"pass@{k}"] for r in runs.values() if f"pass@{k}" in r]) for k in KS]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     seeds = sorted({s for runs in res.values() for s in runs})
     lines += ["", "pass@32 per seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|" + "---|" * len(seeds)]
@@ -68,7 +80,14 @@ def table(res):
         runs = res.get(key, {})
         cells = [f"{100 * runs[s]['pass@32']:.1f}" if s in runs and "pass@32" in runs[s] else "-" for s in seeds]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if promotions:
+        lines.append("| SOAR run: promotions | " + " | ".join(str(promotions.get(s, "-")) for s in seeds) + " |")
     return "\n".join(lines)
+
+
+def run_promotions(root):
+    """{seed: number of promotions} of each ROOT/soar-seed<S> run (its last metrics line)."""
+    return {int(s): rows[-1]["promotions"] for s, rows in soar_metrics(root).items() if rows}
 
 
 def shared_questions(root):
@@ -115,7 +134,7 @@ def teacher_lines(teach, shared):
     """The teacher summary table and the question overlap, as markdown (empty when there is neither)."""
     lines = []
     if teach:
-        lines += ["", "", "| teacher run | runs | promotions (seed: count) | mean grounded R̂ | question diversity | "
+        lines += ["", "", "| teacher run | runs | promotions (seed: count) | mean R̂ (the run's own reward) | question diversity | "
                   "mean difficulty L |", "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
                   f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |" for name, d in teach.items()]
@@ -230,7 +249,7 @@ def main(argv=None):
     if not res:
         raise SystemExit(f"error: no */result.json under {a.root}")
     os.makedirs(a.out, exist_ok=True)
-    t = table(res)
+    t = table(res, run_promotions(a.root))
     print(t)
     teach, shared = teacher_summary(a.root), shared_questions(a.root)
     extra = teacher_lines(teach, shared)
