@@ -1259,3 +1259,12 @@ def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
     timings["teacher sampling 8"] = round(time.time() - t0, 1)
     assert len(open(out / "rejected.jsonl").readlines()) == 8
     print("SmolLM2-135M-Instruct stage times (s):", json.dumps(timings))
+
+
+def test_signal_anova_by_hand():
+    from experiments.signal import anova
+
+    # the probe on the shipped hard set (R_kj in units of 1/28): repeats spread more than datasets
+    between, within, f = anova([[0, 0, 0], [0, 0, 2], [0, 0, 2], [0, 1, 0]])
+    assert (between, within) == (pytest.approx(11 / 36), pytest.approx(0.75)) and f < 1
+    assert anova([[1, 1], [3, 3]])[2] == float("inf")  # no spread within: all of it is between datasets

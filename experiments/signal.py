@@ -1,0 +1,97 @@
+"""
+python -m experiments.signal -- how much signal the grounded reward R_k carries: one outer step's
+teacher datasets, each trained on by r students, and the spread of R_kj between datasets against
+the spread between repeats of one dataset. Run it from the repository root:
+
+    python -m experiments.signal --out runs/signal/toy-hard                       # the shipped hard set
+    python -m experiments.signal --hard-train runs/toy/hard9/train.jsonl --out runs/signal/hard9
+
+The teacher's RLOO step sees only R_k. If the R_kj of one dataset spread as much as the R_k of
+different datasets, R_k is mostly the noise of the inner training, and the teacher cannot learn
+which datasets help. Reported: the g x r matrix R_kj; a one-way analysis of variance (F = the
+mean square between datasets over the mean square within them; F near 1: no signal beyond
+noise); the share of students that gained; and, on the toy world, each dataset's share of
+questions at L = 7-9 (the rungs just below the hard set). Same pieces and seeds as soar.py's
+first outer step (base teacher, baseline student), with --r repeats instead of the preset's.
+Writes OUT/signal.json and prints a table.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+
+import torch
+
+from evaluate import greedy_accuracy, load_problems
+from generate import HelpFormatter, load_model, load_tokenizer, model_style
+from train_student import RLConfig
+from train_teacher import grounded_rewards, sample_teacher_datasets
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def anova(rkj):
+    """One-way ANOVA of the rows of rkj (datasets x repeats): (MS between, MS within, F)."""
+    g, r = len(rkj), len(rkj[0])
+    means = [statistics.mean(row) for row in rkj]
+    grand = statistics.mean(means)
+    ms_between = r * sum((m - grand) ** 2 for m in means) / (g - 1)
+    ms_within = sum((x - m) ** 2 for row, m in zip(rkj, means) for x in row) / (g * (r - 1))
+    return ms_between, ms_within, (ms_between / ms_within if ms_within > 0 else float("inf"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.signal", description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--model", default=os.path.join(HERE, "toy", "model"), help="base model: teacher and student")
+    ap.add_argument("--hard-train", default=os.path.join(HERE, "toy", "hard", "train.jsonl"), help="D_train JSONL")
+    ap.add_argument("--out", required=True, help="result directory")
+    ap.add_argument("--g", type=int, default=4, help="teacher datasets")
+    ap.add_argument("--n", type=int, default=16, help="questions per dataset")
+    ap.add_argument("--r", type=int, default=3, help="students per dataset (repeats); >= 2")
+    ap.add_argument("--m", type=int, default=0, help="reward questions Q_R (0: all of D_train)")
+    ap.add_argument("--inner-steps", type=int, default=20, help="S, RLOO steps per student (the toy preset's)")
+    ap.add_argument("--student-lr", type=float, default=1e-4, help="inner students' learning rate (the toy preset's)")
+    ap.add_argument("--student-max-new-tokens", type=int, default=120, help="student budget (the toy preset's)")
+    ap.add_argument("--teacher-max-new-tokens", type=int, default=160, help="teacher budget (the toy preset's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draw, Q_R and the students")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the toy preset's)")
+    a = ap.parse_args(argv)
+    if a.r < 2 or a.g < 2:
+        ap.error("--g and --r must be >= 2: the spreads need two of each")
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    style, hard = model_style(a.model), load_problems(a.hard_train)
+    tok, teacher, student = load_tokenizer(a.model), load_model(a.model), load_model(a.model)
+    datasets, _ = sample_teacher_datasets(teacher, tok, a.g, a.n, style, max_new_tokens=a.teacher_max_new_tokens)
+    qr = random.Random(a.seed).sample(hard, min(a.m or len(hard), len(hard)))
+    base = greedy_accuracy(student, tok, qr, style, a.student_max_new_tokens)
+    cfg = RLConfig(lr=a.student_lr, questions=8, group=8, max_new_tokens=a.student_max_new_tokens,
+                   micro_batch=32, style=style)
+    results, _ = grounded_rewards(student, tok, datasets, qr, base, a.r, a.inner_steps, cfg, seed=a.seed,
+                                  progress=True, threads=a.threads)
+    rkj = [res.repeat_rewards for res in results]
+    between, within, f = anova(rkj)
+    out = dict(hard_train=os.path.relpath(a.hard_train, HERE), q_r=len(qr), base_acc=base, g=a.g, n=a.n, r=a.r,
+               inner_steps=a.inner_steps, seed=a.seed, r_kj_in_units_of_1_over_q_r=[[round(x * len(qr)) for x in row]
+                                                                                   for row in rkj],
+               r_k=[res.reward for res in results], ms_between=between, ms_within=within, f=f,
+               students_gained=sum(x > 0 for row in rkj for x in row), students=a.g * a.r)
+    if style == "toy":
+        from toy.task import difficulty
+
+        out["share_L7_9"] = [sum(7 <= (difficulty(q) or 0) <= 9 for _, q, _ in d) / len(d) for d in datasets]
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "signal.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"Q_R: {len(qr)} problems of {out['hard_train']}, baseline greedy accuracy {base:.3f}")
+    print("| dataset | R_kj (units of 1/|Q_R|) | R_k | share L 7-9 |\n|---|---|---|---|")
+    for k, row in enumerate(out["r_kj_in_units_of_1_over_q_r"]):
+        share = f"{out['share_L7_9'][k]:.2f}" if "share_L7_9" in out else "-"
+        print(f"| {k} | {row} | {out['r_k'][k]:.4f} | {share} |")
+    print(f"MS between datasets {between:.2e}, MS within (repeats) {within:.2e}, F = {f:.2f}; "
+          f"{out['students_gained']} of {out['students']} students gained")
+
+
+if __name__ == "__main__":
+    main()
