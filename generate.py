@@ -508,7 +508,6 @@ def add_sampler_args(ap):
 def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
     """Make `name` the sampler of this process (for vllm: build its one engine from model_path)."""
     global _SAMPLER, _SPEC
-    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory)
     if name == "hf":
         _SAMPLER = None
     elif name == "vllm":
@@ -516,6 +515,7 @@ def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
             _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, engine=engine)
     else:
         raise ValueError(f"unknown sampler {name!r} (known: hf, vllm)")
+    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory)  # only once it is in use
 
 
 def sampler_spec():

@@ -314,16 +314,16 @@ def main(argv=None):
         torch.set_num_threads(cfg["threads"])
     seed = cfg["seed"]
     torch.manual_seed(seed)
+    try:  # the vLLM engine first: it sizes its share of the GPU from the memory still free
+        use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"])
+    except ImportError:
+        sys.exit("error: --sampler vllm needs vLLM on a CUDA machine: pip install -r requirements-gpu.txt "
+                 "(or run with --sampler hf)")
     try:
         tok = load_tokenizer(cfg["model"])
         teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {cfg['model']}: {str(e).splitlines()[0]}")
-    try:
-        use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"])
-    except ImportError:
-        sys.exit("error: --sampler vllm needs vLLM on a CUDA machine: pip install -r requirements-gpu.txt "
-                 "(or run with --sampler hf)")
     ray, own_ray = None, False
     if cfg["workers"]:
         try:

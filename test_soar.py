@@ -715,6 +715,17 @@ def test_kill_and_resume_repeats_the_run(tiny, tmp_path):
     assert len(a) == 3 and a == b
 
 
+def test_sampler_vllm_without_vllm_is_a_clear_error(tiny, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    with pytest.raises(SystemExit, match="--sampler vllm needs vLLM"):
+        soar.main(tiny_soar_args(tiny, hard, tmp_path / "run") + ["--sampler", "vllm"])
+    assert generate.sampler_spec()["name"] == "hf" and not (tmp_path / "run").exists()  # nothing changed
+
+
 def test_intrinsic_t_is_data_free(tiny, tmp_path):
     """--reward learnability: the teacher trains on the learnability reward alone; D_train is never
     read (no --hard-train needed), no inner students are trained, nothing is promoted."""
