@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from generate import student_prompt, teacher_prompt
+from generate import HelpFormatter, student_prompt, teacher_prompt
 from toy import task
 
 EOS = "<|endoftext|>"
@@ -186,14 +186,6 @@ def edge(a):
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"student": rows, "teacher": teacher, "model": a.model}, f, indent=1)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each flag's default after its help; a flag whose default is
-    worked out at run time (None here) says in its help what it falls back to."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 BUDGET = ("200, as the shipped files were made, is more than soar.py's toy preset (student 120, teacher 160) "
