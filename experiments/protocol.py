@@ -43,14 +43,16 @@ from evaluate import checkpoint_step, load_data, pass_at_k_table, success_counts
 from generate import STUDENT_PROMPTS, HelpFormatter, add_sampler_args, load_model, load_tokenizer, model_style, use_sampler
 from train_student import RLConfig, train
 from train_teacher import sample_teacher_datasets
+from soar import PRESETS
 
 KS = (1, 4, 8, 16, 32)
 
 
 def passk(model, tok, test, style, samples, max_new_tokens):
+    """pass@k on `test`, and each problem's success count (for paired bootstraps over problems)."""
     counts = success_counts(model, tok, test, samples, style, max_new_tokens=max_new_tokens, batch_size=128,
                             progress=False)
-    return pass_at_k_table(counts, samples, KS)
+    return dict(pass_at_k_table(counts, samples, KS), counts=counts)
 
 
 def fresh_student(base, synthetic, real, mode, a, test, style):
@@ -85,12 +87,16 @@ def fresh_student(base, synthetic, real, mode, a, test, style):
     window = [r["test"] for r in evals if c <= r["step"] < c + a.after]
     if not window:  # no evaluation inside the window: the first one after the checkpoint, else the last
         window = [next((r["test"] for r in evals if r["step"] >= c), evals[-1]["test"])]
-    result = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-    return dict(result, checkpoint_step=c, evals_averaged=len(window), checkpoint_on="training reward",
+    result = {k: sum(w[k] for w in window) / len(window) for k in window[0] if k != "counts"}
+    return dict(result, counts=[w["counts"] for w in window], checkpoint_step=c, evals_averaged=len(window), checkpoint_on="training reward",
                 warmup=a.warmup), curve
 
 
 def write(out, result, curve=None, **info):
+    """OUT/result.json: pass@k, and `counts`, each D_test problem's successes out of --samples, one list
+    per evaluation averaged (one for passk and ps; those in the checkpoint window for fresh students)."""
+    if result["counts"] and not isinstance(result["counts"][0], list):
+        result = dict(result, counts=[result["counts"]])
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({**info, **result}, f, indent=1)
@@ -98,7 +104,7 @@ def write(out, result, curve=None, **info):
         with open(os.path.join(out, "curve.jsonl"), "w") as f:
             for r in curve:
                 f.write(json.dumps(r) + "\n")
-    print(json.dumps({**info, **result}))
+    print(json.dumps({**info, **{k: v for k, v in result.items() if k != "counts"}}))
 
 
 def default_out(method, model, seed):
@@ -123,8 +129,8 @@ def main(argv=None):
                                  "gives the base model, prompt style, D_train and D_test unless set below")
     g.add_argument("--teacher", help="teacher: the teacher checkpoint (required for teacher)")
     g.add_argument("--base", help="fresh students start here (default: the run's base model, else toy/model)")
-    g.add_argument("--train", help="D_train JSONL (default: the run's, else toy/hard/train.jsonl)")
-    g.add_argument("--test", help="D_test JSONL (default: the run's, else toy/hard/test.jsonl)")
+    g.add_argument("--train", help="D_train JSONL (default: the run's, else the toy preset's, toy/hard/train.jsonl)")
+    g.add_argument("--test", help="D_test JSONL (default: the run's, else the toy preset's, toy/hard/test.jsonl)")
     g.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
                    help="prompt wording (default: the run's, else the soar.json in the directory of the model "
                         "that answers: --model for passk, the promoted student for ps, --base otherwise; "
@@ -158,7 +164,9 @@ def main(argv=None):
                         "(the paper: 25)")
     g.add_argument("--after", type=int, default=30,
                    help="steps after the checkpoint whose test evaluations are averaged (the paper: 200)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (the paper: 1e-5)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak AdamW learning rate (default: the run's student_lr, else the toy preset's, 3e-4; "
+                        "the paper: 1e-5, its inner students' rate)")
     g.add_argument("--warmup", type=int, default=2,
                    help="linear learning-rate warmup steps, then cosine decay to zero over --steps. The paper's "
                         "hyperparameter table warms up over 20 steps and leaves the warmup out only in SOAR's "
@@ -174,11 +182,18 @@ def main(argv=None):
     if need and not getattr(a, need):
         ap.error(f"{a.method} needs --{need}")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run_cfg = {}
-    if a.run:
-        with open(os.path.join(a.run, "config.json")) as f:
+    # defaults come from the soar.py run measured (--run, or the run a --teacher was saved in), else
+    # from the toy preset, so that fresh students see the hard set and learning rate the run's students saw
+    run_cfg, toy = {}, PRESETS["toy"]
+    run_dir = a.run or (a.teacher and os.path.dirname(os.path.abspath(a.teacher)))
+    if run_dir and os.path.isfile(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as f:
             run_cfg = json.load(f)
-    base = a.base or run_cfg.get("model") or os.path.join(here, "toy", "model")
+    elif a.run:
+        ap.error(f"--run {a.run}: no config.json there (not a soar.py run directory)")
+    if a.lr is None:
+        a.lr = run_cfg.get("student_lr", toy["student_lr"])
+    base = a.base or run_cfg.get("model") or toy["model"]
     ps = None
     if a.method == "ps":
         ps = os.path.join(a.run, "ps")
@@ -186,12 +201,13 @@ def main(argv=None):
             ps = base
     # the prompt style of the model that answers: the measured one for passk / ps, else the fresh student's
     style = a.style or run_cfg.get("style") or model_style({"passk": a.model, "ps": ps}.get(a.method) or base)
-    train_path = a.train or run_cfg.get("hard_train") or os.path.join(here, "toy", "hard", "train.jsonl")
-    test_path = a.test or run_cfg.get("hard_test") or os.path.join(here, "toy", "hard", "test.jsonl")
+    train_path = a.train or run_cfg.get("hard_train") or toy["hard_train"]
+    test_path = a.test or run_cfg.get("hard_test") or toy["hard_test"]
     test = load_data(test_path)
     real = [(p["problem"], p["answer"]) for p in load_data(train_path)]
     use_sampler(a.sampler, {"passk": a.model, "ps": ps, "teacher": a.teacher}.get(a.method) or base, a.vllm_memory)
-    info = dict(method=a.method, seed=a.seed, test=test_path, samples=a.samples, max_new_tokens=a.max_new_tokens)
+    info = dict(method=a.method, seed=a.seed, test=os.path.relpath(test_path, here), samples=a.samples,
+                max_new_tokens=a.max_new_tokens, lr=a.lr)
     if a.method == "passk":
         torch.manual_seed(a.seed)
         tok, model = load_tokenizer(a.model), load_model(a.model)
@@ -212,12 +228,8 @@ def main(argv=None):
     elif a.method == "teacher":
         torch.manual_seed(a.seed)
         tok, teacher = load_tokenizer(a.teacher), load_model(a.teacher)
-        trained = os.path.join(os.path.dirname(os.path.abspath(a.teacher)), "config.json")
         if a.teacher_max_new_tokens is None:  # the budget it was trained with
-            a.teacher_max_new_tokens = 160
-            if os.path.isfile(trained):
-                with open(trained) as f:
-                    a.teacher_max_new_tokens = json.load(f).get("teacher_max_new_tokens", 160)
+            a.teacher_max_new_tokens = run_cfg.get("teacher_max_new_tokens", toy["teacher_max_new_tokens"])
         (data,), st = sample_teacher_datasets(teacher, tok, 1, a.questions_from_teacher, style,
                                               max_new_tokens=a.teacher_max_new_tokens)
         del teacher

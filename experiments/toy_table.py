@@ -79,9 +79,9 @@ def commands(root, seed, soar_steps=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.toy_table", description=__doc__,
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run, one sweep each")
-    ap.add_argument("--soar-steps", type=int, default=None,
-                    help="outer steps T of the SOAR and Intrinsic-T runs (default: soar.py's toy preset's T)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run, one sweep each")
+    ap.add_argument("--soar-steps", type=int, default=30,
+                    help="outer steps T of the SOAR and Intrinsic-T runs (the quick start's `python soar.py` runs 6)")
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
                     help="where every run and result goes (relative to the repository root)")
     ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report; "

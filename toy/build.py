@@ -221,8 +221,8 @@ def main(argv=None):
                        description="Draw candidates at the given difficulties, keep those that no sample\n"
                                    "solves (fail@k), split them 50/50 into train.jsonl and test.jsonl.")
     h.add_argument("--model", default="toy/model", help="the model to filter with")
-    h.add_argument("--levels", type=int, nargs="+", default=[9, 10], help="difficulties L of the candidates")
-    h.add_argument("--per-level", type=int, nargs="+", default=[48, 48],
+    h.add_argument("--levels", type=int, nargs="+", default=[9], help="difficulties L of the candidates")
+    h.add_argument("--per-level", type=int, nargs="+", default=[320],
                    help="candidates per level: one count for all, or one per --levels entry")
     h.add_argument("--k", type=int, default=128, help="samples per candidate (T = 1); kept if none is right")
     h.add_argument("--max-new-tokens", type=int, default=200, help=STUDENT_BUDGET_HELP)
