@@ -59,7 +59,7 @@ PRESETS = {
         model=os.path.join(HERE, "toy", "model"), style="toy",
         hard_train=os.path.join(HERE, "toy", "hard", "train.jsonl"),
         hard_test=os.path.join(HERE, "toy", "hard", "test.jsonl"),
-        steps=6, g=4, n=16, r=1, m=64, tau=0.01, window=3,
+        steps=5, g=4, n=16, r=1, m=64, tau=0.01, window=3,
         inner_steps=20, inner_steps_inc=5, inner_steps_max=30,
         teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=160, sample_batch=64,
         student_lr=3e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=120,
@@ -296,10 +296,10 @@ def load_checkpoint(path):
                  f"and plain types, which are never unpickled): {str(e).splitlines()[0]}")
 
 
-def main(argv=None):
-    cfg = parse_args(argv)
+def open_run(cfg):
+    """Check every input, load the models (and Ray), and only then create the run directory with
+    its config.json. Returns (D_train or None, tokenizer, teacher, student, ray, own_ray)."""
     out = cfg["out"]
-    ckpt_path = os.path.join(out, "checkpoint.pt")
     if not cfg.get("resume") and os.path.exists(os.path.join(out, "config.json")):
         sys.exit(f"error: run directory {out} already holds a run; use --resume {out} or another --out")
     hard = None  # D_train: the grounded reward's; Intrinsic-T (--reward learnability) never reads it
@@ -312,8 +312,7 @@ def main(argv=None):
             sys.exit(f"error: --hard-train {cfg['hard_train']}: needs at least 2 problems, has {len(hard)}")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    seed = cfg["seed"]
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg["seed"])
     try:  # the vLLM engine first: it sizes its share of the GPU from the memory still free
         use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"])
     except ImportError:
@@ -339,6 +338,78 @@ def main(argv=None):
             json.dump(cfg, f, indent=1)
     except OSError as e:
         sys.exit(f"error: cannot write the run directory {out}: {e.strerror}")
+    return hard, tok, teacher, student, ray, own_ray
+
+
+def save_checkpoint(cfg, teacher, student, t_opt, t_sched, state):
+    atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(), teacher_opt=t_opt.state_dict(),
+                     teacher_sched=t_sched.state_dict(), state=state, rng=rng_state()),
+                os.path.join(cfg["out"], "checkpoint.pt"))
+
+
+def restore(cfg, teacher, student, t_opt, t_sched, state):
+    """--resume: the checkpoint's models, optimiser, state and RNGs; log lines written after it (or a
+    torn last line) are cut back, so the resumed run appends exactly what an unbroken run would."""
+    path = os.path.join(cfg["out"], "checkpoint.pt")
+    if os.path.exists(path):
+        ck = load_checkpoint(path)
+        teacher.load_state_dict(ck["teacher"])
+        student.load_state_dict(ck["student"])
+        t_opt.load_state_dict(ck["teacher_opt"])
+        t_sched.load_state_dict(ck["teacher_sched"])
+        state = ck["state"]
+        set_rng_state(ck["rng"])
+        print(f"resumed {cfg['out']} at step {state['step']}")
+    for name in ("metrics.jsonl", "teacher_samples.jsonl"):
+        p = os.path.join(cfg["out"], name)
+        if os.path.exists(p):
+            keep = [line for line in open(p) if _step_of(line) is not None and _step_of(line) < state["step"]]
+            open(p, "w").writelines(keep)
+    return state
+
+
+def step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma, promoted, upd, verifier_timeouts):
+    """One outer step's line of metrics.jsonl."""
+    questions = [q for data in datasets for _, q, _ in data]
+    extra = {}
+    if cfg["style"] == "toy":  # the toy world's difficulty knob, per question
+        from toy.task import difficulty
+
+        extra["difficulty"] = [difficulty(q) for q in questions]
+    return dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
+                grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
+                repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
+                promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
+                rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
+                teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
+                teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
+                teacher_zero_signal=int(max(rewards) == min(rewards)),  # equal R_k: no gradient
+                inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
+                inner_skipped_updates=sum(res.skipped_updates for res in results),
+                verifier_timeouts=verifier_timeouts, question_diversity=diversity(questions), **extra)
+
+
+def finish(cfg, tok, teacher, student, state):
+    """The run's products: the final baseline student, the teacher, PQ; and where they are."""
+    out = cfg["out"]
+    save_model(student, tok, os.path.join(out, "student"), cfg["style"])
+    save_model(teacher, tok, os.path.join(out, "teacher"), cfg["style"])
+    with open(os.path.join(out, "pq.jsonl"), "w") as f:
+        for p in state["pq"]:
+            f.write(json.dumps(p) + "\n")
+    print(f"final baseline student: {os.path.join(out, 'student')}  ({state['promotions']} promotions)")
+    if "ps_step" in state:
+        print(f"promoted student (PS): {os.path.join(out, 'ps')}  (from step {state['ps_step']}, "
+              f"greedy accuracy on D_train {state['ps_train_acc']:.3f})")
+    print(f"promotion questions (PQ): {os.path.join(out, 'pq.jsonl')}  ({len(state['pq'])} pairs)")
+    print(f"trained teacher (Grounded-T): {os.path.join(out, 'teacher')}")
+    print(f"metrics: {os.path.join(out, 'metrics.jsonl')}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    out, seed = cfg["out"], cfg["seed"]
+    hard, tok, teacher, student, ray, own_ray = open_run(cfg)
     teacher_ref = frozen_copy(teacher, cfg["dtype"]) if cfg["teacher_kl"] > 0 else None
     mixed = precision(cfg["dtype"], next(student.parameters()).device)  # sampling and evaluation here
     t_opt, t_sched = make_optimizer(teacher, cfg["teacher_lr"], max(1, cfg["steps"]), cfg["teacher_warmup"])
@@ -350,21 +421,8 @@ def main(argv=None):
                     max_new_tokens=cfg["student_max_new_tokens"], micro_batch=cfg["micro_batch"],
                     sample_batch=cfg["sample_batch"], style=cfg["style"], dtype=cfg["dtype"])
     state = dict(step=0, history=[], window=[], promotions=0, inner_steps=cfg["inner_steps"], pq=[])
-    if cfg.get("resume") and os.path.exists(ckpt_path):
-        ck = load_checkpoint(ckpt_path)
-        teacher.load_state_dict(ck["teacher"])
-        student.load_state_dict(ck["student"])
-        t_opt.load_state_dict(ck["teacher_opt"])
-        t_sched.load_state_dict(ck["teacher_sched"])
-        state = ck["state"]
-        set_rng_state(ck["rng"])
-        print(f"resumed {out} at step {state['step']}")
-    if cfg.get("resume"):  # logs may hold lines (or a torn line) from after the checkpoint: cut them back
-        for name in ("metrics.jsonl", "teacher_samples.jsonl"):
-            p = os.path.join(out, name)
-            if os.path.exists(p):
-                keep = [line for line in open(p) if _step_of(line) is not None and _step_of(line) < state["step"]]
-                open(p, "w").writelines(keep)
+    if cfg.get("resume"):
+        state = restore(cfg, teacher, student, t_opt, t_sched, state)
 
     from tqdm import tqdm
 
@@ -417,23 +475,9 @@ def main(argv=None):
             if not cfg["no_teacher_update"]:
                 upd = teacher_step(teacher, t_opt, t_sched, datasets, rewards, tcfg, tok.pad_token_id, teacher_ref)
                 t_opt.zero_grad(set_to_none=True)  # free the teacher's gradients (a model's size) until next step
-            questions = [q for data in datasets for _, q, _ in data]
-            extra = {}
-            if cfg["style"] == "toy":  # the toy world's difficulty knob, per question
-                from toy.task import difficulty
-
-                extra["difficulty"] = [difficulty(q) for q in questions]
-            row = dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
-                       grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
-                       repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
-                       promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
-                       rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
-                       teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
-                       teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
-                       teacher_zero_signal=int(max(rewards) == min(rewards)),  # equal R_k: no gradient
-                       inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
-                       inner_skipped_updates=sum(res.skipped_updates for res in results),
-                       verifier_timeouts=get_verifier().timeouts + remote_timeouts, question_diversity=diversity(questions), **extra)
+            # log, then checkpoint: a run killed in between repeats this step on --resume
+            row = step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma, promoted, upd,
+                           get_verifier().timeouts + remote_timeouts)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             for k, data in enumerate(datasets):
@@ -441,9 +485,7 @@ def main(argv=None):
                                           "pairs": [{"question": q, "answer": a} for _, q, a in data]}) + "\n")
             samples.flush()
             state["step"] = t + 1
-            atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(),
-                             teacher_opt=t_opt.state_dict(), teacher_sched=t_sched.state_dict(), state=state,
-                             rng=rng_state()), ckpt_path)
+            save_checkpoint(cfg, teacher, student, t_opt, t_sched, state)
             if cfg["reward"] == "grounded":
                 tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
                            f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
@@ -454,26 +496,16 @@ def main(argv=None):
     except TeacherSamplingError as e:
         sys.exit(f"error: {e}")
     except InnerStudentError as e:
-        sys.exit(f"error: {e}; the last finished step is checkpointed in {ckpt_path}; continue with --resume {out}")
+        sys.exit(f"error: {e}; the last finished step is checkpointed in {os.path.join(out, 'checkpoint.pt')}; "
+                 f"continue with --resume {out}")
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last finished step is checkpointed in {ckpt_path}; continue with --resume {out}")
+        print(f"\ninterrupted; the last finished step is checkpointed in {os.path.join(out, 'checkpoint.pt')}; "
+              f"continue with --resume {out}")
         sys.exit(130)
     finally:
         if own_ray:  # disconnect; a local cluster this run started stops with it, a joined one keeps running
             ray.shutdown()
-
-    save_model(student, tok, os.path.join(out, "student"), cfg["style"])
-    save_model(teacher, tok, os.path.join(out, "teacher"), cfg["style"])
-    with open(os.path.join(out, "pq.jsonl"), "w") as f:
-        for p in state["pq"]:
-            f.write(json.dumps(p) + "\n")
-    print(f"final baseline student: {os.path.join(out, 'student')}  ({state['promotions']} promotions)")
-    if "ps_step" in state:
-        print(f"promoted student (PS): {os.path.join(out, 'ps')}  (from step {state['ps_step']}, "
-              f"greedy accuracy on D_train {state['ps_train_acc']:.3f})")
-    print(f"promotion questions (PQ): {os.path.join(out, 'pq.jsonl')}  ({len(state['pq'])} pairs)")
-    print(f"trained teacher (Grounded-T): {os.path.join(out, 'teacher')}")
-    print(f"metrics: {os.path.join(out, 'metrics.jsonl')}")
+    finish(cfg, tok, teacher, student, state)
 
 
 if __name__ == "__main__":

@@ -854,6 +854,30 @@ def test_report_table_and_sweep_paths(tmp_path):
         assert not any(c.count("R" + os.sep) > 1 for c in cmd)
 
 
+def test_report_paired_bootstrap_over_test_problems(tmp_path):
+    import experiments.report as report
+
+    r = lambda *evs: {"samples": 4, "counts": [list(e) for e in evs]}  # noqa: E731
+    res = {"grounded-t": {0: r([4, 4, 4, 4]), 1: r([4, 0, 4, 0], [4, 0, 4, 0])},
+           "base-t": {0: r([0, 0, 0, 0]), 1: r([0, 4, 0, 4])},
+           "soar-pq": {0: r([2, 2, 2, 2]), 1: r([4, 4, 4, 4])}, "hard-only": {0: r([0] * 4), 1: r([0] * 4)}}
+    p = report.paired(res, "grounded-t", "base-t", 1, boots=2000)
+    # seed 0: +1 on every problem, so every resample gives +1; seed 1: +1, -1, +1, -1 averages 0
+    assert p["seeds"][0] == {"diff": 1.0, "lo": 1.0, "hi": 1.0}
+    assert p["seeds"][1]["diff"] == 0.0 and p["seeds"][1]["lo"] < 0 < p["seeds"][1]["hi"]
+    assert p["mean"]["diff"] == 0.5 and 0 <= p["mean"]["lo"] <= 0.5 <= p["mean"]["hi"] <= 1.0
+    # pass@4 from 4 samples: any success makes a problem solved; pass@8 cannot be estimated from 4
+    assert report.per_problem(r([1, 0, 4, 0]), 4) == [1.0, 0.0, 1.0, 0.0]
+    assert report.per_problem(r([1, 0, 4, 0]), 8) is None and report.per_problem({"pass@1": 0.1}, 1) is None
+    # PQ counts only the seeds whose run promoted (seed 1 here), as the table does
+    q = report.paired(res, "soar-pq", "hard-only", 1, promotions={0: 0, 1: 2}, boots=100)
+    assert list(q["seeds"]) == [1] and q["mean"]["diff"] == 1.0
+    lines = report.claim_lines(report.claims(res, {0: 0, 1: 2}))
+    assert any(x.startswith("| SOAR-PQ - Hard-Only | 1 | 1 |") and x.endswith("| yes, higher |") for x in lines)
+    assert any(x.startswith("| Grounded-T - Base-T | 1 | 2 |") for x in lines)
+    assert report.paired(res, "grounded-t", "intrinsic-t", 1) is None  # no Intrinsic-T results: no claim
+
+
 def test_checkpoint_rule_on_a_hand_made_curve():
     curve = [0.0] * 10 + [0.1 * i for i in range(1, 11)] + [1.0] * 20
     # unsmoothed: slope 0.1 on steps 9..18 (max first at 9), 0 from 19: the first below 15% is 19
@@ -1123,7 +1147,7 @@ def test_a_model_never_runs_with_another_styles_preset_by_accident(tiny, tmp_pat
 
 
 def test_soar_help_shows_the_values_of_the_preset_in_use(capsys):
-    for argv, shown in ((["--help"], "[preset toy: 6]"), (["--preset", "paper", "--help"], "[preset paper: 200]")):
+    for argv, shown in ((["--help"], "[preset toy: 5]"), (["--preset", "paper", "--help"], "[preset paper: 200]")):
         with pytest.raises(SystemExit):
             soar.parse_args(argv)
         out = capsys.readouterr().out

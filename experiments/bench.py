@@ -13,7 +13,8 @@ and reported as a ratio (absolute seconds vary between machines and between runs
              machine's fp32 matrix-multiply peak, measured here.
 2. sampling  generate.sample vs one plain `model.generate(do_sample=True)` call on the same prompts,
              n, temperature and limit (generated tokens per second); greedy evaluation of 32 questions.
-3. outer     one outer step of the default toy preset (`python soar.py --steps 1`), broken down:
+3. outer     one outer step of the toy preset as it was at 333b3a2 (`python soar.py --steps 1` with that
+             commit's hard set, student lr 1e-4 and M = 32; today's preset differs in those), broken down:
              teacher sampling, baseline greedy evaluation, inner sampling, grading, inner updates (the
              reference forward for the KL included), inner greedy evaluations, teacher update,
              checkpoint write; seconds, shares and the peak resident memory.
@@ -73,7 +74,7 @@ def mark(*a, **k):
     return real_first(*a, **k)
 soar.sample_teacher_datasets = mark
 out = tempfile.mkdtemp()
-soar.main(["--steps", "1", "--out", os.path.join(out, "run")])
+soar.main(["--steps", "1", "--out", os.path.join(out, "run")] + sys.argv[1:])
 step = time.perf_counter() - first[0]  # from teacher sampling to the end of the run (its one step and the final saves)
 print("PROBE" + json.dumps({"step_seconds": step, "parts": T,
                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -241,10 +242,10 @@ def sampling_bench(reps=3, seed=0):
 # ----------------------------------------------------------------------------- 3 and 4. the outer step
 
 
-def outer_step(checkout):
-    """Run the probe in a fresh interpreter inside `checkout`; its timing breakdown."""
+def outer_step(checkout, args=()):
+    """Run the probe in a fresh interpreter inside `checkout` (with soar.py flags `args`); its timing breakdown."""
     env = dict(os.environ, PYTHONPATH=checkout, TQDM_DISABLE="1")
-    p = subprocess.run([sys.executable, "-c", PROBE], cwd=checkout, env=env, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", PROBE, *args], cwd=checkout, env=env, capture_output=True, text=True)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("PROBE")), None)
     if p.returncode != 0 or line is None:
         raise RuntimeError(f"outer-step probe failed in {checkout}:\n{p.stderr[-2000:]}")
@@ -258,6 +259,14 @@ def old_checkout():
         subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", os.path.abspath(path), OLD_COMMIT],
                        check=True, capture_output=True)
     return path
+
+
+def same_as_old():
+    """soar.py flags that give today's code the old commit's toy preset: its hard set (L = 9-10, from its
+    worktree), student learning rate 1e-4 and M = 32; everything else in the preset is unchanged since."""
+    hard = os.path.join(old_checkout(), "toy", "hard")
+    return ["--hard-train", os.path.join(hard, "train.jsonl"), "--hard-test", os.path.join(hard, "test.jsonl"),
+            "--student-lr", "1e-4", "--m", "32"]
 
 
 # ----------------------------------------------------------------------------- report
@@ -342,7 +351,7 @@ def main(argv=None):
             if key in parts:
                 print(f"{'4. outer step at ' + OLD_COMMIT if key == 'old' else '3. outer step now'} "
                       f"(run {r + 1} of {a.outer_repeats}) ...", flush=True)
-                runs[key].append(outer_step(old_checkout() if key == "old" else ROOT))
+                runs[key].append(outer_step(old_checkout()) if key == "old" else outer_step(ROOT, same_as_old()))
     for key, rs in runs.items():
         if rs:
             res[key] = dict(min(rs, key=lambda x: x["step_seconds"]), all_step_seconds=[x["step_seconds"] for x in rs])

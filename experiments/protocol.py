@@ -27,10 +27,9 @@ toy world's. Each command writes OUT/result.json (and, for fresh students, OUT/c
 teacher evaluation, OUT/questions.jsonl). By default OUT lies under runs/ (or inside the given
 soar.py run directory for ps / pq), never inside a model directory or another shipped file.
 
-The committed toy comparison (experiments/results/toy_table.*) was made at commit 333b3a2, before two
+The first toy comparison (experiments/results/toy_table_333b3a2/) was made at commit 333b3a2, before two
 fixes to this script: its fresh students' checkpoint rule smoothed the batch accuracy instead of the
-training reward, and they trained without warmup (--warmup 0). A rerun with today's defaults follows
-the paper on both counts.
+training reward, and they trained without warmup (--warmup 0). Today's defaults follow the paper on both.
 """
 import argparse
 import json

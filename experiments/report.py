@@ -3,23 +3,27 @@ python -m experiments.report -- the paper-style table and plots from result dire
 the repository root (`python experiments/report.py` works too: it imports nothing of the project).
 
     python -m experiments.report --root runs/toy_table                            # -> runs/toy_table/report/
-    python -m experiments.report --root runs/toy_table --out experiments/results  # regenerate the committed files
+    python -m experiments.report --root runs/toy_table --out experiments/results/toy_table  # the committed files
 
-Reads ROOT/<method>-seed<S>/result.json (pass@k) and ROOT/soar-seed<S>/metrics.jsonl, and writes to OUT
-    NAME.md         pass@k per method, mean +- SD over seeds
+Reads ROOT/<method>-seed<S>/result.json (pass@k, per-problem success counts), ROOT/soar-seed<S>/ and
+ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a run promoted), and writes to OUT
+    NAME.md         pass@k per method, mean +- SD over seeds; each claim of the paper as a paired
+                    difference per seed with a bootstrap interval over the test problems
     NAME.json       the same numbers, per seed
-    *.png           teacher reward (with moving average and promotions), pass@k curves,
-                    teacher question difficulty by promotion stage, teacher diversity
-By default OUT is ROOT/report: nothing lands in experiments/results unless --out names it.
-The committed experiments/results/toy_table.md, toy_table.json and the four PNGs were made with the
-second command (spelled `python experiments/report.py ...` then) from the sweep of
-experiments/toy_table.py; the other files there come from soar.py and experiments/bench.py.
+    *.png           teacher reward (with moving average and promotions), pass@k curves, the share of
+                    each difficulty L among the teacher's questions per outer step (with the student's
+                    edge), difficulty by promotion stage, teacher diversity
+By default OUT is ROOT/report: nothing lands in experiments/results unless --out names it; the
+committed experiments/results/toy_table/ was made with the second command, from the sweep of
+experiments/toy_table.py (experiments/results/toy_table_333b3a2/ holds the earlier 4-step sweep's).
 matplotlib is needed for the plots only (pip install matplotlib); without it only the table is written.
 """
 import argparse
 import glob
 import json
+import math
 import os
+import random
 import re
 import statistics
 
@@ -107,6 +111,77 @@ def shared_questions(root):
     return out
 
 
+# The paper's claims, each a paired difference (first method minus second) on the same D_test problems
+CLAIMS = [("soar-pq", "hard-only"), ("soar-ps", "hard-only"), ("grounded-t", "base-t"), ("grounded-t", "intrinsic-t")]
+
+
+def per_problem(result, k):
+    """Each D_test problem's unbiased pass@k (1 - C(n-c, k) / C(n, k)), averaged over the evaluations the
+    result averaged (`counts`: one list per evaluation); None for a result written without counts."""
+    counts, n = result.get("counts"), result.get("samples")
+    if not counts or not n or k > n:
+        return None
+    at = lambda c: 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)  # noqa: E731
+    return [statistics.mean(at(ev[i]) for ev in counts) for i in range(len(counts[0]))]
+
+
+def paired(res, a, b, k, promotions=None, boots=10000, seed=0):
+    """The paired difference a - b in pass@k per seed, and its mean over seeds, each with a 95% percentile
+    bootstrap interval over the test problems (one resample of problem indices serves every seed of a
+    replicate, since every seed evaluates the same problems). PS and PQ count only the seeds whose SOAR
+    run promoted, as in the table. The interval covers the test problems' sampling only: with few seeds
+    the training runs' own variance shows in the per-seed spread, not in it."""
+    seeds = sorted(set(res.get(a, {})) & set(res.get(b, {})))
+    if promotions and a in PROMOTION_METHODS:
+        seeds = [s for s in seeds if promotions.get(s)]
+    diffs = {}
+    for s in seeds:
+        pa, pb = per_problem(res[a][s], k), per_problem(res[b][s], k)
+        if pa is not None and pb is not None and len(pa) == len(pb):
+            diffs[s] = [x - y for x, y in zip(pa, pb)]
+    if not diffs:
+        return None
+    n, rng = len(next(iter(diffs.values()))), random.Random(seed)
+    reps = {s: [] for s in diffs}
+    reps["mean"] = []
+    for _ in range(boots):
+        idx = [rng.randrange(n) for _ in range(n)]
+        per = {s: sum(d[i] for i in idx) / n for s, d in diffs.items()}
+        for s, v in per.items():
+            reps[s].append(v)
+        reps["mean"].append(statistics.mean(per.values()))
+
+    def ci(key, point):
+        xs = sorted(reps[key])
+        return {"diff": point, "lo": xs[int(0.025 * boots)], "hi": xs[int(0.975 * boots) - 1]}
+
+    out = {"seeds": {s: ci(s, statistics.mean(d)) for s, d in diffs.items()}}
+    out["mean"] = ci("mean", statistics.mean(statistics.mean(d) for d in diffs.values()))
+    return out
+
+
+def claims(res, promotions, ks=(1, 32)):
+    """{"A - B": {k: paired(...)}} for every claim and k."""
+    names = dict(METHODS)
+    return {f"{names[a]} - {names[b]}": {k: paired(res, a, b, k, promotions) for k in ks} for a, b in CLAIMS}
+
+
+def claim_lines(found):
+    """Markdown: each claim's paired difference per seed and over seeds, in points of pass@k."""
+    lines = ["| claim | k | seeds | per seed: difference [95% CI] | mean over seeds [95% CI] | CI excludes 0 |",
+             "|---|---|---|---|---|---|"]
+    for claim, by_k in found.items():
+        for k, p in by_k.items():
+            if p is None:
+                continue
+            f = lambda c: f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"  # noqa: E731
+            per = "; ".join(f"{s}: {f(c)}" for s, c in p["seeds"].items())
+            m = p["mean"]
+            sig = "yes, higher" if m["lo"] > 0 else "yes, lower" if m["hi"] < 0 else "no"
+            lines.append(f"| {claim} | {k} | {len(p['seeds'])} | {per} | {f(m)} | {sig} |")
+    return lines if len(lines) > 2 else []
+
+
 TEACHER_RUNS = [("soar", "grounded reward (SOAR)"), ("intrinsic", "learnability reward (Intrinsic-T)")]
 
 
@@ -152,6 +227,24 @@ def soar_metrics(root, prefix="soar"):
     return out
 
 
+def edge(path):
+    """The student's edge in an edge file (python -m toy.build edge): the largest L it solves in at least
+    half of its samples; None when the file is absent."""
+    if not os.path.isfile(path):
+        return None
+    rows = json.load(open(path))["student"]
+    return max((r["L"] for r in rows if r["sampled"] >= 0.5), default=None)
+
+
+def difficulty_shares(rows, top=10):
+    """[step][L-1]: the share of each outer step's teacher questions at L = 1..top (top: top or more)."""
+    out = []
+    for r in rows:
+        ds = [min(d, top) for d in r.get("difficulty", []) if d is not None]
+        out.append([ds.count(L) / max(1, len(ds)) for L in range(1, top + 1)])
+    return out
+
+
 def save(fig, out_dir, name):
     import matplotlib.pyplot as plt
 
@@ -173,19 +266,24 @@ def plots(root, res, out_dir):
         return []
     made = []
     runs = soar_metrics(root)
-    if runs:  # teacher reward, its moving average and promotions
-        fig, axes = plt.subplots(1, len(runs), figsize=(4.5 * len(runs), 3.2), squeeze=False)
-        for ax, (seed, rows) in zip(axes[0], runs.items()):
-            steps = [r["step"] for r in rows]
-            ax.plot(steps, [r["reward_mean"] for r in rows], "o-", label="mean teacher reward R̂")
-            ax.plot(steps, [r["reward_ma"] for r in rows], "-", label="moving average")
-            for r in rows:
-                if r["promoted"]:
-                    ax.axvline(r["step"], color="green", ls="--", lw=1)
-            ax.axhline(0, color="gray", lw=0.5)
-            ax.set_title(f"SOAR seed {seed} (dashed: promotion)")
-            ax.set_xlabel("outer step")
-        axes[0][0].legend(fontsize=7)
+    if runs:  # teacher reward, its moving average and promotions; the learnability teacher's reward below
+        rows_of = [("SOAR", runs)] + [("Intrinsic-T", r_) for r_ in [soar_metrics(root, "intrinsic")] if r_]
+        cols = max(len(r_) for _, r_ in rows_of)
+        fig, axes = plt.subplots(len(rows_of), cols, figsize=(4 * cols, 3 * len(rows_of)), squeeze=False)
+        for i, (kind, runs_) in enumerate(rows_of):
+            for ax, (seed, rows) in zip(axes[i], runs_.items()):
+                steps = [r["step"] for r in rows]
+                label = "mean grounded reward R̂" if kind == "SOAR" else "mean learnability reward"
+                ax.plot(steps, [r["reward_mean"] for r in rows], "o-", ms=3, label=label)
+                if kind == "SOAR":
+                    ax.plot(steps, [r["reward_ma"] for r in rows], "-", label="moving average")
+                for r in rows:
+                    if r["promoted"]:
+                        ax.axvline(r["step"], color="green", ls="--", lw=1)
+                ax.axhline(0, color="gray", lw=0.5)
+                ax.set_title(f"{kind} seed {seed}" + (" (dashed: promotion)" if kind == "SOAR" else ""), fontsize=9)
+                ax.set_xlabel("outer step")
+            axes[i][0].legend(fontsize=7)
         made.append(save(fig, out_dir, "teacher_reward.png"))
         # teacher question difficulty by promotion stage (toy world)
         if any("difficulty" in r for rows in runs.values() for r in rows):
@@ -205,6 +303,36 @@ def plots(root, res, out_dir):
             ax.legend(fontsize=7)
             made.append(save(fig, out_dir, "teacher_difficulty.png"))
     teachers = {name: soar_metrics(root, prefix) for prefix, name in TEACHER_RUNS}
+    if any(any("difficulty" in r for rows in runs_.values() for r in rows) for runs_ in teachers.values()):
+        # the share of each difficulty L among the teacher's questions, per outer step (mean over seeds),
+        # with the student's edge: the base student's (toy/edge.json) and each SOAR run's final student's
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        base_edge = edge(os.path.join(here, "toy", "edge.json"))
+        kinds = [(name, runs_) for name, runs_ in teachers.items() if runs_]
+        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False)
+        for ax, (name, runs_) in zip(axes[0], kinds):
+            shares = [difficulty_shares(rows) for rows in runs_.values()]
+            T = min(len(x) for x in shares)
+            mean = [[statistics.mean(x[t][L] for x in shares) for L in range(10)] for t in range(T)]
+            im = ax.imshow(list(map(list, zip(*mean))), origin="lower", aspect="auto", cmap="viridis",
+                           extent=(-0.5, T - 0.5, 0.5, 10.5), vmin=0)
+            fig.colorbar(im, ax=ax, label="share of questions")
+            if base_edge:
+                ax.axhline(base_edge + 0.5, color="white", ls="--", lw=1.5, label=f"base student's edge (L = {base_edge})")
+            if name.startswith("grounded"):
+                for seed, rows in runs_.items():
+                    promos = [r["step"] for r in rows if r["promoted"]]
+                    e = edge(os.path.join(root, f"soar-seed{seed}", "edge.json"))
+                    for t in promos:
+                        ax.plot(t, 10.3, "v", color="red", ms=6)
+                    if promos and e:
+                        ax.plot([promos[-1], T - 0.5], [e + 0.5] * 2, color="red", lw=1.2)
+                ax.plot([], [], "v", color="red", label="promotion; red line: that run's final student's edge")
+            ax.set_title(f"{name}, mean over {len(shares)} seed(s)", fontsize=9)
+            ax.set_xlabel("outer step")
+            ax.set_ylabel("difficulty L (10: 10 or more)")
+            ax.legend(fontsize=6, loc="lower left")
+        made.append(save(fig, out_dir, "teacher_difficulty_steps.png"))
     if any(teachers.values()):  # grounded vs learnability teacher: diversity and difficulty per outer step
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for (name, runs_), color in zip(teachers.items(), ("C0", "C3")):
@@ -241,7 +369,7 @@ def main(argv=None):
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
                     help="directory of the sweep's result directories (ROOT/<method>-seed<S>/)")
     ap.add_argument("--out", help="where the table and plots go (default: ROOT/report; the committed copies "
-                                  "are made with --out experiments/results)")
+                                  "are made with --out experiments/results/toy_table)")
     ap.add_argument("--name", default="toy_table", help="file name stem of the table: OUT/NAME.md and OUT/NAME.json")
     a = ap.parse_args(argv)
     a.out = a.out or os.path.join(a.root, "report")
@@ -249,16 +377,18 @@ def main(argv=None):
     if not res:
         raise SystemExit(f"error: no */result.json under {a.root}")
     os.makedirs(a.out, exist_ok=True)
-    t = table(res, run_promotions(a.root))
-    print(t)
+    promotions = run_promotions(a.root)
+    t, found = table(res, promotions), claims(res, promotions)
+    if claim_lines(found):
+        t += "\n\nPaired differences in points of pass@k (first method minus second, same D_test problems):\n\n"
+        t += "\n".join(claim_lines(found))
     teach, shared = teacher_summary(a.root), shared_questions(a.root)
-    extra = teacher_lines(teach, shared)
-    print(extra)
-    t += extra
+    t += teacher_lines(teach, shared)
+    print(t)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(t + "\n")
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"results": res, "teachers": teach, "shared_with_base_t": shared}, f, indent=1)
+        json.dump({"results": res, "claims": found, "teachers": teach, "shared_with_base_t": shared}, f, indent=1)
     for p in plots(a.root, res, a.out):
         print("wrote", p)
 

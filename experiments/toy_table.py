@@ -1,34 +1,32 @@
 """
-python -m experiments.toy_table -- the paper's comparison on the toy world, end to end. Run it
-from the repository root:
+python -m experiments.toy_table -- the paper's comparison on the toy world, end to end: 5 seeds, each
+a 30-step SOAR run and an Intrinsic-T run beside the protocol's baselines. Run it from the repository
+root (`python experiments/toy_table.py` works too):
 
-    python -m experiments.toy_table                 # every method x 3 seeds, then the report
+    python -m experiments.toy_table                 # every method x 5 seeds, then the report
     python -m experiments.toy_table --seeds 0       # one seed
     python -m experiments.toy_table --seeds 0 --dry # print the commands only
 
-For each seed: SOAR (grounded teacher, promotion), Intrinsic-T (learnability reward), then
-the protocol: base model, Hard-Only, SOAR-PS, SOAR-PQ, Grounded-T, Base-T, Intrinsic-T.
-Every command is skipped when its result already exists, so an interrupted sweep continues
-where it stopped. The commands run from the repository root, and relative --root / --results
-paths are taken from there too.
+For each seed: SOAR (grounded teacher, promotion; soar.py's toy preset with --steps 30), the edge of
+its final student if it promoted (toy.build edge), Intrinsic-T (the learnability reward, 30 steps),
+then the protocol of experiments/protocol.py on D_test: base model, Hard-Only, SOAR-PS, SOAR-PQ,
+Grounded-T, Base-T, Intrinsic-T. Every fresh student (Hard-Only included) gets the same RL budget:
+60 RLOO steps of 8 questions x 8 samples. Every command is skipped when its result already exists,
+and an interrupted SOAR run continues from its checkpoint, so a stopped sweep continues where it
+stopped. One seed takes about 80 minutes on 2 CPU cores (the SOAR run about 50 of them).
 
 Token budgets: the SOAR runs use soar.py's toy preset (student 120, teacher 160 tokens); the
 protocol's fresh students and every pass@k use experiments/protocol.py's defaults (student 160,
 see its --help for why; a teacher's evaluation questions get the budget it was trained with, 160).
 
 Nothing here writes into shipped files by default: runs and results go under --root (default
-runs/toy_table) and the report into ROOT/report. The committed experiments/results/toy_table.md,
-toy_table.json and PNG plots came from `python experiments/toy_table.py --soar-steps 4` at commit
-333b3a2 (2 h 10 min for 3 seeds on 2 CPU cores then, 41-44 minutes per seed; the preset's T was 4),
-and `python experiments/report.py --root runs/toy_table --out experiments/results` rebuilt the table
-and plots from its run directories. To regenerate them with today's code:
-
-    python -m experiments.toy_table --soar-steps 4 --results experiments/results
-
-(the sampler and the fresh students' protocol have changed since, see experiments/protocol.py, so the
-digits will differ).
+runs/toy_table) and the report into ROOT/report. The committed experiments/results/toy_table/ came
+from this command and `python -m experiments.report --root runs/toy_table --out
+experiments/results/toy_table`; experiments/results/toy_table_333b3a2/ holds the first sweep's (3 seeds,
+T = 4, the first hard set, commit 333b3a2).
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +53,9 @@ def commands(root, seed, soar_steps=None):
     steps = ["--steps", str(soar_steps)] if soar_steps else []  # default: the toy preset's T
     return [
         (os.path.join(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", soar]),
+        # the edge of the run's final student, if it promoted (else it is the base student's, toy/edge.json)
+        (os.path.join(soar, "edge.json"), [PY, "-m", "toy.build", "edge", "--model", os.path.join(soar, "student"),
+                                           "--out", os.path.join(soar, "edge.json"), "--seed", s]),
         (os.path.join(intr, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", intr,
                                           "--reward", "learnability"]),
         (r(f"base-seed{seed}", "result.json"), [*PROTOCOL, "passk", "--model", "toy/model",
@@ -76,6 +77,13 @@ def commands(root, seed, soar_steps=None):
     ]
 
 
+def promoted(run_dir):
+    """Whether the soar.py run in run_dir promoted a student (its last metrics line)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = f.read().splitlines()
+    return bool(lines) and json.loads(lines[-1])["promotions"] > 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.toy_table", description=__doc__,
                                  formatter_class=HelpFormatter)
@@ -85,7 +93,7 @@ def main(argv=None):
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
                     help="where every run and result goes (relative to the repository root)")
     ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report; "
-                                      "--results experiments/results regenerates the committed copies)")
+                                      "--results experiments/results/toy_table regenerates the committed copies)")
     ap.add_argument("--dry", action="store_true", help="print the commands only; run nothing")
     a = ap.parse_args(argv)
     os.chdir(HERE)  # soar.py, -m experiments.protocol and toy/model are named from the repository root
@@ -95,6 +103,8 @@ def main(argv=None):
             if os.path.exists(done):
                 continue
             run_dir = os.path.dirname(done)
+            if cmd[1:4] == ["-m", "toy.build", "edge"] and not promoted(run_dir):
+                continue
             if cmd[1] == "soar.py" and os.path.exists(os.path.join(run_dir, "config.json")):
                 cmd = [PY, "soar.py", "--resume", run_dir]  # an interrupted run continues
             print(" ".join(cmd), flush=True)
