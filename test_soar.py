@@ -1299,7 +1299,7 @@ def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
 def test_signal_anova_by_hand():
     from experiments.signal import anova
 
-    # the probe on the shipped hard set (R_kj in units of 1/28): repeats spread more than datasets
+    # the probe on the first hard set (commit 8413796) (R_kj in units of 1/28): repeats spread more than datasets
     between, within, f = anova([[0, 0, 0], [0, 0, 2], [0, 0, 2], [0, 1, 0]])
     assert (between, within) == (pytest.approx(11 / 36), pytest.approx(0.75)) and f < 1
     assert anova([[1, 1], [3, 3]])[2] == float("inf")  # no spread within: all of it is between datasets

@@ -3,8 +3,8 @@ python -m experiments.signal -- how much signal the grounded reward R_k carries:
 teacher datasets, each trained on by r students, and the spread of R_kj between datasets against
 the spread between repeats of one dataset. Run it from the repository root:
 
-    python -m experiments.signal --out runs/signal/toy-hard                       # the shipped hard set
-    python -m experiments.signal --hard-train runs/toy/hard9/train.jsonl --out runs/signal/hard9
+    python -m experiments.signal --out runs/signal/toy-hard              # the shipped hard set, the toy preset's lr
+    python -m experiments.signal --student-lr 1e-4 --inner-steps 40 --out runs/signal/s40   # other settings
 
 The teacher's RLOO step sees only R_k. If the R_kj of one dataset spread as much as the R_k of
 different datasets, R_k is mostly the noise of the inner training, and the teacher cannot learn
@@ -51,7 +51,7 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=3, help="students per dataset (repeats); >= 2")
     ap.add_argument("--m", type=int, default=0, help="reward questions Q_R (0: all of D_train)")
     ap.add_argument("--inner-steps", type=int, default=20, help="S, RLOO steps per student (the toy preset's)")
-    ap.add_argument("--student-lr", type=float, default=1e-4, help="inner students' learning rate (the toy preset's)")
+    ap.add_argument("--student-lr", type=float, default=3e-4, help="inner students' learning rate (the toy preset's)")
     ap.add_argument("--student-max-new-tokens", type=int, default=120, help="student budget (the toy preset's)")
     ap.add_argument("--teacher-max-new-tokens", type=int, default=160, help="teacher budget (the toy preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draw, Q_R and the students")
