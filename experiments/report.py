@@ -10,6 +10,7 @@ ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a ru
     NAME.md         pass@k per method, mean +- SD over seeds; each claim of the paper as a paired
                     difference per seed with a bootstrap interval over the test problems
     NAME.json       the same numbers, per seed
+    RUN-metrics.jsonl, soar-seed<S>-edge.json   copies of the teacher runs' logs and edges
     *.png           teacher reward (with moving average and promotions), pass@k curves, the share of
                     each difficulty L among the teacher's questions per outer step (with the student's
                     edge), difficulty by promotion stage, teacher diversity
@@ -25,6 +26,7 @@ import math
 import os
 import random
 import re
+import shutil
 import statistics
 
 KS = (1, 4, 8, 16, 32)
@@ -374,8 +376,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.out = a.out or os.path.join(a.root, "report")
     res = collect(a.root)
-    if not res:
-        raise SystemExit(f"error: no */result.json under {a.root}")
+    if not res and not soar_metrics(a.root) and not soar_metrics(a.root, "intrinsic"):
+        raise SystemExit(f"error: no */result.json and no soar-seed*/ or intrinsic-seed*/metrics.jsonl under {a.root}")
     os.makedirs(a.out, exist_ok=True)
     promotions = run_promotions(a.root)
     t, found = table(res, promotions), claims(res, promotions)
@@ -391,6 +393,12 @@ def main(argv=None):
         json.dump({"results": res, "claims": found, "teachers": teach, "shared_with_base_t": shared}, f, indent=1)
     for p in plots(a.root, res, a.out):
         print("wrote", p)
+    # the teacher runs' own logs beside the table (small), so the committed results hold what the plots show
+    for path in sorted(glob.glob(os.path.join(a.root, "*-seed*", "metrics.jsonl")) +
+                       glob.glob(os.path.join(a.root, "soar-seed*", "edge.json"))):
+        run = os.path.basename(os.path.dirname(path))
+        if os.path.abspath(a.out) != os.path.abspath(os.path.dirname(path)):
+            shutil.copyfile(path, os.path.join(a.out, f"{run}-{os.path.basename(path)}"))
 
 
 if __name__ == "__main__":
