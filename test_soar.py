@@ -854,6 +854,23 @@ def test_report_table_and_sweep_paths(tmp_path):
         assert not any(c.count("R" + os.sep) > 1 for c in cmd)
 
 
+def test_sweep_and_report_run_as_files(tmp_path):
+    """`python experiments/toy_table.py` puts experiments/ first on sys.path: no file there may shadow
+    a standard-library module (a signal.py did: subprocess imported it and failed)."""
+    import subprocess
+    import sys
+
+    names = {f[:-3] for f in os.listdir(os.path.join(HERE, "experiments")) if f.endswith(".py")}
+    assert not names & set(sys.stdlib_module_names)
+    out = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "toy_table.py"), "--dry", "--seeds", "0",
+                          "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "soar.py --seed 0 --steps 30" in out.stdout and "toy.build edge" in out.stdout
+    out = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "report.py"), "--help"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and "paired" in out.stdout, out.stderr
+
+
 def test_report_paired_bootstrap_over_test_problems(tmp_path):
     import experiments.report as report
 
@@ -1297,7 +1314,7 @@ def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
 
 
 def test_signal_anova_by_hand():
-    from experiments.signal import anova
+    from experiments.reward_signal import anova
 
     # the issue's probe on the first hard set (commit 8413796) (R_kj in units of 1/28): repeats spread more than datasets
     between, within, f = anova([[0, 0, 0], [0, 0, 2], [0, 0, 2], [0, 1, 0]])

@@ -103,8 +103,8 @@ def main(argv=None):
             if os.path.exists(done):
                 continue
             run_dir = os.path.dirname(done)
-            if cmd[1:4] == ["-m", "toy.build", "edge"] and not promoted(run_dir):
-                continue
+            if cmd[1:4] == ["-m", "toy.build", "edge"] and not a.dry and not promoted(run_dir):
+                continue  # (--dry prints it: whether it runs depends on the SOAR run)
             if cmd[1] == "soar.py" and os.path.exists(os.path.join(run_dir, "config.json")):
                 cmd = [PY, "soar.py", "--resume", run_dir]  # an interrupted run continues
             print(" ".join(cmd), flush=True)

@@ -1,10 +1,10 @@
 """
-python -m experiments.signal -- how much signal the grounded reward R_k carries: one outer step's
+python -m experiments.reward_signal -- how much signal the grounded reward R_k carries: one outer step's
 teacher datasets, each trained on by r students, and the spread of R_kj between datasets against
 the spread between repeats of one dataset. Run it from the repository root:
 
-    python -m experiments.signal --out runs/signal/toy-hard              # the shipped hard set, the toy preset's lr
-    python -m experiments.signal --student-lr 1e-4 --inner-steps 40 --out runs/signal/s40   # other settings
+    python -m experiments.reward_signal --out runs/signal/toy-hard              # the shipped hard set, the toy preset's lr
+    python -m experiments.reward_signal --student-lr 1e-4 --inner-steps 40 --out runs/signal/s40   # other settings
 
 The teacher's RLOO step sees only R_k. If the R_kj of one dataset spread as much as the R_k of
 different datasets, R_k is mostly the noise of the inner training, and the teacher cannot learn
@@ -42,7 +42,7 @@ def anova(rkj):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m experiments.signal", description=__doc__, formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m experiments.reward_signal", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=os.path.join(HERE, "toy", "model"), help="base model: teacher and student")
     ap.add_argument("--hard-train", default=os.path.join(HERE, "toy", "hard", "train.jsonl"), help="D_train JSONL")
     ap.add_argument("--out", required=True, help="result directory")
