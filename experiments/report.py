@@ -73,7 +73,7 @@ def table(res, promotions=None):
              "|---|---|" + "---|" * len(KS)]
     for key, name in METHODS:
         runs, seeds = res.get(key, {}), f"{len(res.get(key, {}))}"
-        if key in PROMOTION_METHODS and promotions:
+        if key in PROMOTION_METHODS and promotions and runs:
             never = [s for s in runs if not promotions.get(s)]
             runs = {s: r for s, r in runs.items() if promotions.get(s)}
             seeds = f"{len(runs)} promoted" + (f" ({len(never)} never promoted, left out)" if never else "")
