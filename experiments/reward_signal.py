@@ -5,6 +5,7 @@ the spread between repeats of one dataset. Run it from the repository root:
 
     python -m experiments.reward_signal --out runs/signal/toy-hard              # the shipped hard set, the toy preset's lr
     python -m experiments.reward_signal --student-lr 1e-4 --inner-steps 40 --out runs/signal/s40   # other settings
+    python -m experiments.reward_signal --student runs/soar/student --inner-steps 30 --out runs/signal/ps  # a promoted student
 
 The teacher's RLOO step sees only R_k. If the R_kj of one dataset spread as much as the R_k of
 different datasets, R_k is mostly the noise of the inner training, and the teacher cannot learn
@@ -12,7 +13,9 @@ which datasets help. Reported: the g x r matrix R_kj; a one-way analysis of vari
 mean square between datasets over the mean square within them; F near 1: no signal beyond
 noise); the share of students that gained; and, on the toy world, each dataset's share of
 questions at L = 7-9 (the rungs just below the hard set). Same pieces and seeds as soar.py's
-first outer step (base teacher, baseline student), with --r repeats instead of the preset's.
+first outer step (base teacher, baseline student), with --r repeats instead of the preset's; --student
+puts another baseline in the base student's place (a run's promoted student: does further inner
+training still help it?).
 Writes OUT/signal.json and prints a table.
 """
 import argparse
@@ -44,6 +47,7 @@ def anova(rkj):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.reward_signal", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=os.path.join(HERE, "toy", "model"), help="base model: teacher and student")
+    ap.add_argument("--student", help="baseline student (default: --model), e.g. a run's promoted student")
     ap.add_argument("--hard-train", default=os.path.join(HERE, "toy", "hard", "train.jsonl"), help="D_train JSONL")
     ap.add_argument("--out", required=True, help="result directory")
     ap.add_argument("--g", type=int, default=4, help="teacher datasets")
@@ -62,7 +66,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     style, hard = model_style(a.model), load_problems(a.hard_train)
-    tok, teacher, student = load_tokenizer(a.model), load_model(a.model), load_model(a.model)
+    tok, teacher, student = load_tokenizer(a.model), load_model(a.model), load_model(a.student or a.model)
     datasets, _ = sample_teacher_datasets(teacher, tok, a.g, a.n, style, max_new_tokens=a.teacher_max_new_tokens)
     qr = random.Random(a.seed).sample(hard, min(a.m or len(hard), len(hard)))
     base = greedy_accuracy(student, tok, qr, style, a.student_max_new_tokens)
@@ -72,7 +76,7 @@ def main(argv=None):
                                   progress=True, threads=a.threads)
     rkj = [res.repeat_rewards for res in results]
     between, within, f = anova(rkj)
-    out = dict(hard_train=os.path.relpath(a.hard_train, HERE), q_r=len(qr), base_acc=base, g=a.g, n=a.n, r=a.r,
+    out = dict(student=os.path.relpath(a.student or a.model, HERE), student_lr=a.student_lr, hard_train=os.path.relpath(a.hard_train, HERE), q_r=len(qr), base_acc=base, g=a.g, n=a.n, r=a.r,
                inner_steps=a.inner_steps, seed=a.seed, r_kj_in_units_of_1_over_q_r=[[round(x * len(qr)) for x in row]
                                                                                    for row in rkj],
                r_k=[res.reward for res in results], ms_between=between, ms_within=within, f=f,
