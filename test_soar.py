@@ -838,6 +838,13 @@ def test_report_table_and_sweep_paths(tmp_path):
                      "promotions": int(t == 1 and seed == 0), "question_diversity": div, "difficulty": [4, 6, None]}
                     for t in range(2)]  # seed 1 never promotes
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            # the toy answer key: 3+4 = 7 is right; step 1's chain (L = 7) ends 0, 0, 9, 8: its answer 4900 is wrong
+            pairs = [[{"question": "3+4", "answer": "7"}], [{"question": "3+4*2-5+1*3-1-1", "answer": "4900"}]]
+            (d / "teacher_samples.jsonl").write_text("".join(json.dumps({"step": t, "dataset": 0, "reward": 0.0,
+                                                                        "pairs": pairs[t]}) + "\n" for t in range(2)))
+    d = root / "grounded-t-seed0"
+    d.mkdir()
+    (d / "questions.jsonl").write_text('{"question": "3+4", "answer": "7"}\n{"question": "1+1+1+1+1+1+1+1", "answer": "5"}\n')
     out = tmp_path / "out"
     report.main(["--root", str(root), "--out", str(out), "--name", "t"])
     md = (out / "t.md").read_text()
@@ -848,6 +855,10 @@ def test_report_table_and_sweep_paths(tmp_path):
     assert teach["learnability reward (Intrinsic-T)"]["question_diversity"] == pytest.approx(0.2)
     assert teach["grounded reward (SOAR)"]["promotions"] == {"0": 1, "1": 0}
     assert teach["grounded reward (SOAR)"]["mean_difficulty"] == pytest.approx(5.0)
+    found = json.load(open(out / "t.json"))
+    assert found["answers_per_step"]["grounded reward (SOAR)"] == {"0": [1.0, 0.0], "1": [1.0, 0.0]}
+    assert found["evaluation_answers"] == {"grounded-t": {"0": [0.5, 0.5]}}  # 7 ops of +1: answer 5678, not 5
+    assert report.answer_key([{"question": "not a chain", "answer": "1"}]) is None
     # every path the sweep checks or passes lies directly under its root
     for done, cmd in toy_table.commands("R", 3):
         assert done.startswith(os.path.join("R", "")) and done.count("R" + os.sep) == 1

@@ -1,6 +1,7 @@
 """
 python -m experiments.report -- the paper-style table and plots from result directories. Run it from
-the repository root (`python experiments/report.py` works too: it imports nothing of the project).
+the repository root (`python experiments/report.py` works too, without the answer-key numbers: they need
+toy/task.py, which only `-m` puts on the path; nothing else of the project is imported).
 
     python -m experiments.report --root runs/toy_table                            # -> runs/toy_table/report/
     python -m experiments.report --root runs/toy_table --out experiments/results/toy_table  # the committed files
@@ -13,7 +14,10 @@ ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a ru
     RUN-metrics.jsonl, soar-seed<S>-edge.json   copies of the teacher runs' logs and edges
     *.png           teacher reward (with moving average and promotions), pass@k curves, the share of
                     each difficulty L among the teacher's questions per outer step (with the student's
-                    edge), difficulty by promotion stage, teacher diversity
+                    edge), difficulty by promotion stage, teacher diversity and answer key
+On the toy world every teacher answer can be checked: the report gives the share of the teacher's
+answers that are right, per outer step (from ROOT/<run>-seed<S>/teacher_samples.jsonl) and for the
+evaluation questions of Base-T, Grounded-T and Intrinsic-T (ROOT/<method>-seed<S>/questions.jsonl).
 By default OUT is ROOT/report: nothing lands in experiments/results unless --out names it; the
 committed experiments/results/toy_table/ was made with the second command, from the sweep of
 experiments/toy_table.py (experiments/results/toy_table_333b3a2/ holds the earlier 4-step sweep's).
@@ -28,6 +32,11 @@ import random
 import re
 import shutil
 import statistics
+
+try:  # the toy world's answer key; importable only with the repository root on the path (python -m)
+    from toy.task import difficulty as toy_difficulty, solve as toy_solve
+except ImportError:
+    toy_solve = None
 
 KS = (1, 4, 8, 16, 32)
 
@@ -207,8 +216,9 @@ def teacher_summary(root):
     return out
 
 
-def teacher_lines(teach, shared):
-    """The teacher summary table and the question overlap, as markdown (empty when there is neither)."""
+def teacher_lines(teach, shared, answers=None):
+    """The teacher summary table, the question overlap and the evaluation questions' answer key, as
+    markdown (empty when there is none of them)."""
     lines = []
     if teach:
         lines += ["", "", "| teacher run | runs | promotions (seed: count) | mean R̂ (the run's own reward) | question diversity | "
@@ -219,6 +229,43 @@ def teacher_lines(teach, shared):
         lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
                      + json.dumps(per_seed))
     return "\n".join(lines)
+
+
+def answer_key(pairs):
+    """(share of the pairs whose answer is the chain's true answer, share at L >= 7) for toy-world pairs
+    [{question, answer}]; None when toy/task.py is not importable or no question is a chain."""
+    if toy_solve is None:
+        return None
+    solved = [(toy_solve(p["question"]), p) for p in pairs]
+    if not any(s for s, _ in solved):
+        return None
+    right = sum(s is not None and s[1] == p["answer"] for s, p in solved) / len(pairs)
+    return right, sum((toy_difficulty(p["question"]) or 0) >= 7 for p in pairs) / len(pairs)
+
+
+def answers_per_step(root, prefix):
+    """{seed: [share of that outer step's teacher answers that are right]} of the runs ROOT/PREFIX-seed<S>."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(root, f"{prefix}-seed*", "teacher_samples.jsonl"))):
+        steps = {}
+        for line in open(path):
+            row = json.loads(line)
+            steps.setdefault(row["step"], []).extend(row["pairs"])
+        keyed = [answer_key(steps[t]) for t in sorted(steps)]
+        if keyed and None not in keyed:
+            out[int(re.search(r"seed(\d+)", path).group(1))] = [k[0] for k in keyed]
+    return out
+
+
+def evaluation_answers(root):
+    """{method: {seed: [share of its evaluation questions answered right, share at L >= 7]}} (toy world)."""
+    out = {}
+    for key in ("base-t", "grounded-t", "intrinsic-t"):
+        for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "questions.jsonl"))):
+            k = answer_key([json.loads(line) for line in open(path)])
+            if k:
+                out.setdefault(key, {})[re.search(r"seed(\d+)", path).group(1)] = [round(x, 3) for x in k]
+    return out
 
 
 def soar_metrics(root, prefix="soar"):
@@ -335,16 +382,21 @@ def plots(root, res, out_dir):
             ax.set_ylabel("difficulty L (10: 10 or more)")
             ax.legend(fontsize=6, loc="lower left")
         made.append(save(fig, out_dir, "teacher_difficulty_steps.png"))
-    if any(teachers.values()):  # grounded vs learnability teacher: diversity and difficulty per outer step
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    if any(teachers.values()):  # grounded vs learnability teacher: diversity, difficulty, answer key per outer step
+        keyed = {name: answers_per_step(root, prefix) for prefix, name in TEACHER_RUNS}
+        fig, axes = plt.subplots(1, 3 if any(keyed.values()) else 2, figsize=(13.5 if any(keyed.values()) else 9, 3.2))
         for (name, runs_), color in zip(teachers.items(), ("C0", "C3")):
             for i, (seed, rows) in enumerate(sorted(runs_.items())):
                 steps = [r["step"] for r in rows]
                 label = name if i == 0 else None
                 axes[0].plot(steps, [r["question_diversity"] for r in rows], "o-", color=color, alpha=.7, label=label)
                 axes[1].plot(steps, [mean_difficulty(r) for r in rows], "o-", color=color, alpha=.7, label=label)
+                if seed in keyed[name]:
+                    axes[2].plot(keyed[name][seed], "o-", color=color, alpha=.7, label=label)
         axes[0].set_ylabel("question diversity")
         axes[1].set_ylabel("mean difficulty L of questions")
+        if len(axes) == 3:
+            axes[2].set_ylabel("share of teacher answers that are right")
         for ax in axes:
             ax.set_xlabel("outer step")
             ax.legend(fontsize=7)
@@ -384,13 +436,16 @@ def main(argv=None):
     if claim_lines(found):
         t += "\n\nPaired differences in points of pass@k (first method minus second, same D_test problems):\n\n"
         t += "\n".join(claim_lines(found))
-    teach, shared = teacher_summary(a.root), shared_questions(a.root)
-    t += teacher_lines(teach, shared)
+    teach, shared, answers = teacher_summary(a.root), shared_questions(a.root), evaluation_answers(a.root)
+    t += teacher_lines(teach, shared, answers)
     print(t)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(t + "\n")
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
-        json.dump({"results": res, "claims": found, "teachers": teach, "shared_with_base_t": shared}, f, indent=1)
+        json.dump({"results": res, "claims": found, "teachers": teach, "shared_with_base_t": shared,
+                   "evaluation_answers": answers,
+                   "answers_per_step": {name: answers_per_step(a.root, prefix) for prefix, name in TEACHER_RUNS}},
+                  f, indent=1)
     for p in plots(a.root, res, a.out):
         print("wrote", p)
     # the teacher runs' own logs beside the table (small), so the committed results hold what the plots show
