@@ -89,7 +89,7 @@ def main(argv=None):
                                  formatter_class=HelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run, one sweep each")
     ap.add_argument("--soar-steps", type=int, default=30,
-                    help="outer steps T of the SOAR and Intrinsic-T runs (the quick start's `python soar.py` runs 6)")
+                    help="outer steps T of the SOAR and Intrinsic-T runs (the quick start's `python soar.py` runs 5)")
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
                     help="where every run and result goes (relative to the repository root)")
     ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report; "
