@@ -138,10 +138,12 @@ def per_problem(result, k):
 
 def paired(res, a, b, k, promotions=None, boots=10000, seed=0):
     """The paired difference a - b in pass@k per seed, and its mean over seeds, each with a 95% percentile
-    bootstrap interval over the test problems (one resample of problem indices serves every seed of a
-    replicate, since every seed evaluates the same problems). PS and PQ count only the seeds whose SOAR
-    run promoted, as in the table. The interval covers the test problems' sampling only: with few seeds
-    the training runs' own variance shows in the per-seed spread, not in it."""
+    bootstrap interval. A seed's interval resamples the test problems only (one resample of problem
+    indices serves every seed of a replicate, since every seed evaluates the same problems): it covers
+    the test set's sampling, not the training run's own variance. The mean's interval resamples the
+    seeds too (two levels: seeds with replacement, then problems), so a difference that flips between
+    seeds does not pass for significant; with few seeds it is wide, as it should be. PS and PQ count
+    only the seeds whose SOAR run promoted, as in the table."""
     seeds = sorted(set(res.get(a, {})) & set(res.get(b, {})))
     if promotions and a in PROMOTION_METHODS:
         seeds = [s for s in seeds if promotions.get(s)]
@@ -152,7 +154,7 @@ def paired(res, a, b, k, promotions=None, boots=10000, seed=0):
             diffs[s] = [x - y for x, y in zip(pa, pb)]
     if not diffs:
         return None
-    n, rng = len(next(iter(diffs.values()))), random.Random(seed)
+    n, rng, seed_rng = len(next(iter(diffs.values()))), random.Random(seed), random.Random(seed + 1)
     reps = {s: [] for s in diffs}
     reps["mean"] = []
     for _ in range(boots):
@@ -160,7 +162,7 @@ def paired(res, a, b, k, promotions=None, boots=10000, seed=0):
         per = {s: sum(d[i] for i in idx) / n for s, d in diffs.items()}
         for s, v in per.items():
             reps[s].append(v)
-        reps["mean"].append(statistics.mean(per.values()))
+        reps["mean"].append(statistics.mean(per[seed_rng.choice(list(per))] for _ in per))
 
     def ci(key, point):
         xs = sorted(reps[key])
@@ -179,7 +181,8 @@ def claims(res, promotions, ks=(1, 32)):
 
 def claim_lines(found):
     """Markdown: each claim's paired difference per seed and over seeds, in points of pass@k."""
-    lines = ["| claim | k | seeds | per seed: difference [95% CI] | mean over seeds [95% CI] | CI excludes 0 |",
+    lines = ["| claim | k | seeds | per seed: difference [95% CI over problems] | mean over seeds [95% CI over seeds "
+             "and problems] | CI excludes 0 |",
              "|---|---|---|---|---|---|"]
     for claim, by_k in found.items():
         for k, p in by_k.items():
@@ -227,6 +230,9 @@ def teacher_lines(teach, shared, answers=None):
                   f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |" for name, d in teach.items()]
     for key, per_seed in shared.items():
         lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
+                     + json.dumps(per_seed))
+    for key, per_seed in (answers or {}).items():
+        lines.append(f"\n{key}: evaluation questions with the right answer, and at L >= 7 (seed: [right, L >= 7]): "
                      + json.dumps(per_seed))
     return "\n".join(lines)
 
