@@ -310,7 +310,8 @@ def save(fig, out_dir, name):
     return path
 
 
-def plots(root, res, out_dir):
+def plots(root, res, out_dir, keyed=None):
+    """The plots; keyed: {teacher run kind: answers_per_step(...)} (the toy answer key), computed once in main."""
     try:
         import matplotlib
 
@@ -389,7 +390,7 @@ def plots(root, res, out_dir):
             ax.legend(fontsize=6, loc="lower left")
         made.append(save(fig, out_dir, "teacher_difficulty_steps.png"))
     if any(teachers.values()):  # grounded vs learnability teacher: diversity, difficulty, answer key per outer step
-        keyed = {name: answers_per_step(root, prefix) for prefix, name in TEACHER_RUNS}
+        keyed = keyed or {name: {} for _, name in TEACHER_RUNS}
         fig, axes = plt.subplots(1, 3 if any(keyed.values()) else 2, figsize=(13.5 if any(keyed.values()) else 9, 3.2))
         for (name, runs_), color in zip(teachers.items(), ("C0", "C3")):
             for i, (seed, rows) in enumerate(sorted(runs_.items())):
@@ -443,6 +444,7 @@ def main(argv=None):
         t += "\n\nPaired differences in points of pass@k (first method minus second, same D_test problems):\n\n"
         t += "\n".join(claim_lines(found))
     teach, shared, answers = teacher_summary(a.root), shared_questions(a.root), evaluation_answers(a.root)
+    keyed = {name: answers_per_step(a.root, prefix) for prefix, name in TEACHER_RUNS}
     t += teacher_lines(teach, shared, answers)
     print(t)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
@@ -450,9 +452,9 @@ def main(argv=None):
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
         json.dump({"results": res, "claims": found, "teachers": teach, "shared_with_base_t": shared,
                    "evaluation_answers": answers,
-                   "answers_per_step": {name: answers_per_step(a.root, prefix) for prefix, name in TEACHER_RUNS}},
+                   "answers_per_step": keyed},
                   f, indent=1)
-    for p in plots(a.root, res, a.out):
+    for p in plots(a.root, res, a.out, keyed):
         print("wrote", p)
     # the teacher runs' own logs beside the table (small), so the committed results hold what the plots show
     for path in sorted(glob.glob(os.path.join(a.root, "*-seed*", "metrics.jsonl")) +
