@@ -6,8 +6,10 @@ Everything the other stages need to turn a model into text and text back into
 
     load_model / load_tokenizer   any Hugging Face causal LM, by local dir or hub name
     teacher_prompt / student_prompt   the two prompt formats of the SOAR paper
-    sample / greedy               batched sampling: a lean decode loop for Llama models, else HF `generate`
-    use_sampler / VLLMSampler     --sampler vllm: the same `sample` on a vLLM engine (GPU users; imported only if asked)
+    sample / greedy               batched sampling: the lean decode loop for Llama models (engines/lean.py),
+                                  else HF `generate`
+    use_sampler                   --sampler vllm: the same `sample` on a vLLM engine (engines/vllm_sampler.py;
+                                  GPU users; imported only if asked)
     last_boxed / parse_teacher    text parsing (nested braces, the teacher's tag format)
 
 Run alone it samples from a model, e.g.
@@ -25,7 +27,8 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from engines import lean
 
 # -----------------------------------------------------------------------------
 # Prompts. The formats are the SOAR paper's (its appendix prompts): the teacher's
@@ -289,17 +292,20 @@ def sample(model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=
     With a seed the draw repeats exactly (on CPU); without, it continues torch's global RNG.
 
     With --sampler vllm (`use_sampler`) the process's vLLM engine draws them. Otherwise
-    Llama-family models take the lean decode loop below (`fast_sample`); any other model, or
+    Llama-family models take the lean decode loop (`fast_sample`); any other model, or
     fast=False, takes HF `generate`. All give the same greedy output and the same
     distribution; only the random draws differ."""
     from tqdm import tqdm
 
     if _SAMPLER is not None:
-        return _SAMPLER(model, tok, prompts, n=n, temperature=temperature, top_p=top_p,
-                        max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
+        pids = [tok(p)["input_ids"] for p in prompts]  # the HF tokenizer's special tokens, as in hf_sample
+        done = _SAMPLER(model, pids, stop_ids(model, tok), tok.eos_token_id, n=n, temperature=temperature,
+                        top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy, seed=seed)
+        return [Completion(p, tok.decode(ids, skip_special_tokens=True), x, ids, finished)
+                for (p, x), (ids, finished) in zip([(p, x) for p, x in zip(prompts, pids) for _ in range(n)], done)]
     if seed is not None:
         torch.manual_seed(seed)
-    fast = fast_path_ok(model) if fast is None else fast
+    fast = lean.fast_path_ok(model) if fast is None else fast
     flat = [p for p in prompts for _ in range(n)]
     out = []
     was_training = model.training
@@ -332,153 +338,17 @@ def hf_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
     return out
 
 
-# -----------------------------------------------------------------------------
-# The fast path: a lean KV-cache decode loop for Llama-family models.
-#
-# For a small model one decode step of HF `generate` is mostly per-call overhead (cache
-# objects, mask building, logits processors, ~60 module calls), not arithmetic. This loop
-# does the same Llama arithmetic in ~20 tensor ops per layer on the model's own weights (q|k|v
-# and gate|up stacked so each is one matmul), and saves work `generate` cannot know to save:
-# the samples of one prompt share one prefill, and finished rows leave the batch. Tests check
-# it against HF: logits, greedy output, and the log-probs the trainer computes.
-
-def fast_path_ok(model):
-    return getattr(getattr(model, "config", None), "model_type", None) == "llama"
-
-
-def _cat(*ts):
-    return None if ts[0] is None else torch.cat(ts)
-
-
-def lean_weights(model, max_len):
-    """The model's weights in the loop's layout, read once per call (the model is not changed),
-    and RoPE's cos/sin for positions 0..max_len-1. q|k|v and gate|up are stacked so each is one
-    matmul, and the attention scale 1/sqrt(head_dim) is folded into q's rows (RoPE is linear)."""
-    m, cfg = model.model, model.config
-    nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, m.layers[0].self_attn.head_dim
-    scale = torch.cat([torch.full((nh * hd,), hd ** -0.5), torch.ones(2 * nkv * hd)]).to(m.embed_tokens.weight)
-
-    def stack(mods, s=None):
-        w, b = torch.cat([x.weight for x in mods]), _cat(*[x.bias for x in mods])
-        return (w, b) if s is None else (w * s[:, None], None if b is None else b * s)
-
-    layers = [dict(ln1=(l.input_layernorm.weight, l.input_layernorm.variance_epsilon),
-                   ln2=(l.post_attention_layernorm.weight, l.post_attention_layernorm.variance_epsilon),
-                   qkv=stack([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj], scale),
-                   o=(l.self_attn.o_proj.weight, l.self_attn.o_proj.bias),
-                   gu=stack([l.mlp.gate_proj, l.mlp.up_proj]),
-                   down=(l.mlp.down_proj.weight, l.mlp.down_proj.bias), act=l.mlp.act_fn) for l in m.layers]
-    pos = torch.arange(max_len, device=model.device)[None]
-    cos, sin = m.rotary_emb(m.embed_tokens.weight[:1, None], pos)  # HF's own RoPE, any rope_type
-    return dict(layers=layers, cos=cos[0], sin=sin[0], heads=(nh, nkv, hd), embed=m.embed_tokens.weight,
-                norm=(m.norm.weight, m.norm.variance_epsilon), lm_head=model.lm_head.weight)
-
-
-def _plus_linear(h, x, wb):
-    """h + linear(x): one fused addmm when there is no bias."""
-    w, b = wb
-    if b is not None or torch.is_autocast_enabled(h.device.type):  # under autocast addmm would make h bf16
-        return h + F.linear(x, w, b)
-    return torch.addmm(h.reshape(-1, h.shape[-1]), x.reshape(-1, x.shape[-1]), w.t()).view(h.shape)
-
-
-def lean_hidden(w, ids, pos, cache, t0, mask):
-    """Final (normed) hidden states [B, T, D] for token ids [B, T] at positions pos [B, T]. The new
-    keys and values go into cache (per layer (K, V) [B, kv_heads, T_max, head_dim]) at t0..t0+T;
-    queries attend to cache[:t0+T] under the additive mask [B or 1, 1, T, t0+T] (0 or -inf).
-    Differentiable: training runs it too (train_student.completion_logprobs)."""
-    nh, nkv, hd = w["heads"]
-    B, T = ids.shape
-    h = F.embedding(ids, w["embed"])
-    cos, sin = w["cos"][pos][:, :, None], w["sin"][pos][:, :, None]  # [B, T, 1, hd]
-    for (K, V), L in zip(cache, w["layers"]):
-        x = F.rms_norm(h, h.shape[-1:], *L["ln1"])
-        qkv = F.linear(x, *L["qkv"]).view(B, T, nh + 2 * nkv, hd)
-        qk, v = qkv[:, :, :nh + nkv], qkv[:, :, nh + nkv:]
-        x1, x2 = qk.chunk(2, -1)
-        qk = torch.addcmul(qk * cos, torch.cat((-x2, x1), -1), sin)  # RoPE on queries and keys at once
-        K[:, :, t0:t0 + T], V[:, :, t0:t0 + T] = qk[:, :, nh:].transpose(1, 2), v.transpose(1, 2)
-        q, k, v = qk[:, :, :nh].transpose(1, 2), K[:, :, :t0 + T], V[:, :, :t0 + T]
-        if nkv != nh:
-            k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        # plain matmuls, not SDPA's kernel: on CPU they read the cache ~1.5x faster at one query per row
-        o = torch.softmax(q @ k.transpose(-1, -2) + mask, -1) @ v
-        h = _plus_linear(h, o.transpose(1, 2).reshape(B, T, nh * hd), L["o"])
-        g, u = F.linear(F.rms_norm(h, h.shape[-1:], *L["ln2"]), *L["gu"]).chunk(2, -1)
-        h = _plus_linear(h, L["act"](g) * u, L["down"])
-    return F.rms_norm(h, h.shape[-1:], *w["norm"])
-
-
-@torch.no_grad()
 def fast_sample(model, tok, chunk, temperature, top_p, max_new_tokens, greedy):
     """`hf_sample`'s contract (left-padded prompts, positions counted from the first real token,
-    stop token kept) in a plain decode loop; also returns each token's log-prob at `temperature`."""
-    dev, stops = model.device, torch.tensor(stop_ids(model, tok), device=model.device)
-    uniq = list(dict.fromkeys(chunk))  # prompt-major chunks: the samples of a prompt share its prefill
-    enc = tok(uniq, return_tensors="pt", padding=True).to(dev)  # with the tokenizer's BOS, as in hf_sample
-    pmask = enc["attention_mask"].bool()
-    (P, Tp), Tmax, B = pmask.shape, pmask.shape[1] + max_new_tokens, len(chunk)
-    w = lean_weights(model, Tmax)
-    nh, nkv, hd = w["heads"]
-    kv_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.dtype  # bf16 mode: bf16
-    new_cache = lambda rows, T: [tuple(torch.zeros(rows, nkv, T, hd, device=dev, dtype=kv_dtype) for _ in "kv")
-                                 for _ in w["layers"]]
-    # 1. prefill the distinct prompts; a padding query attends to itself only (no all-masked rows)
-    allowed = torch.ones(Tp, Tp, dtype=torch.bool, device=dev).tril() & pmask[:, None, None, :]
-    allowed |= torch.eye(Tp, dtype=torch.bool, device=dev)
-    allowed = torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, float("-inf"))  # additive
-    pos = (pmask.long().cumsum(-1) - 1).clamp(min=0)
-    pre = new_cache(P, Tp)
-    logits = F.linear(lean_hidden(w, enc["input_ids"], pos, pre, 0, allowed)[:, -1], w["lm_head"])
-    # 2. one row per sample: its prompt's cache, key mask and position
-    row = torch.tensor([uniq.index(p) for p in chunk], device=dev)
-    cache = new_cache(B, Tmax)
-    for (K, V), (k, v) in zip(cache, pre):
-        K[:, :, :Tp], V[:, :, :Tp] = k[row], v[row]
-    keys = torch.full((B, 1, 1, Tmax), float("-inf"), device=dev)  # additive key mask
-    keys[:, 0, 0, :Tp].masked_fill_(pmask[row], 0.0)
-    logits, pos = logits[row], pos[row, -1:]
-    # 3. decode. `alive` maps batch rows to samples; a finished row stays in the batch (its
-    # tokens are no longer recorded) until a quarter of the rows are done, then all leave at once
-    alive, live = torch.arange(B, device=dev), torch.ones(B, dtype=torch.bool, device=dev)
-    toks = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-    lps = torch.zeros(B, max_new_tokens, device=dev)
-    length = torch.full((B,), max_new_tokens, device=dev)  # stays at the limit if no stop token comes
-    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), -1)
-        if greedy:
-            nxt = logp.argmax(-1)
-        else:  # inverse-CDF draw: one uniform per row
-            probs = logp.exp()
-            if top_p < 1.0:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
-                sp, si = probs.sort(-1, descending=True)
-                probs = probs.scatter(-1, si, sp.masked_fill(sp.cumsum(-1) - sp >= top_p, 0.0))
-            cdf = probs.cumsum(-1)
-            u = torch.rand(len(alive), 1, device=dev) * cdf[:, -1:]
-            nxt = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-        toks[alive, t], lps[alive, t] = nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)  # cut at `length` later
-        done = torch.isin(nxt, stops) & live
-        length[alive[done]], stopped[alive[done]] = t + 1, True
-        live &= ~done
-        n_live = int(live.sum())
-        if t == max_new_tokens - 1 or n_live == 0:
-            break
-        if 4 * (len(alive) - n_live) >= len(alive):
-            keep = live.nonzero().squeeze(-1)
-            alive, live, nxt, pos, keys = alive[keep], live[keep], nxt[keep], pos[keep], keys[keep]
-            cache = [(K[keep], V[keep]) for K, V in cache]
-        keys[:, 0, 0, Tp + t] = 0.0
-        pos = pos + 1
-        h = lean_hidden(w, nxt[:, None], pos, cache, Tp + t, keys[..., :Tp + t + 1])
-        logits = F.linear(h[:, -1], w["lm_head"])
-    out = []
-    for b, (n_, t_, l_, f_) in enumerate(zip(length.tolist(), toks.tolist(), lps.tolist(), stopped.tolist())):
-        ids = t_[:int(n_)]
-        p = uniq.index(chunk[b])
-        out.append(Completion(chunk[b], tok.decode(ids, skip_special_tokens=True),
-                              enc["input_ids"][p][pmask[p]].tolist(), ids, f_, l_[:int(n_)]))
-    return out
+    stop token kept) on the lean decode loop (engines/lean.py), which also returns each token's
+    log-prob at `temperature`. The samples of a prompt share one prefill."""
+    uniq = list(dict.fromkeys(chunk))  # prompt-major chunks: each distinct prompt is run once
+    enc = tok(uniq, return_tensors="pt", padding=True).to(model.device)  # with the tokenizer's BOS, as in hf_sample
+    pmask, row = enc["attention_mask"].bool(), [uniq.index(p) for p in chunk]
+    done = lean.decode(model, enc["input_ids"], pmask, row, stop_ids(model, tok), temperature, top_p,
+                       max_new_tokens, greedy)
+    return [Completion(p, tok.decode(ids, skip_special_tokens=True), enc["input_ids"][r][pmask[r]].tolist(),
+                       ids, finished, lps) for p, r, (ids, lps, finished) in zip(chunk, row, done)]
 
 
 def greedy(model, tok, prompts, max_new_tokens=512, batch_size=64):
@@ -491,7 +361,7 @@ def greedy(model, tok, prompts, max_new_tokens=512, batch_size=64):
 #   hf    this file's samplers (the lean loop for Llama models, else HF `generate`); CPU or GPU;
 #   vllm  one vLLM engine in this process (GPU only), fed the current HF weights in place.
 
-_SAMPLER = None  # None: hf; else a VLLMSampler
+_SAMPLER = None  # None: hf; else an engines.vllm_sampler.VLLMSampler
 _SPEC = dict(name="hf")  # how it was made, for worker processes (train_teacher's Ray tasks) to do the same
 
 
@@ -512,6 +382,8 @@ def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
         _SAMPLER = None
     elif name == "vllm":
         if _SAMPLER is None:
+            from engines.vllm_sampler import VLLMSampler
+
             _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, engine=engine)
     else:
         raise ValueError(f"unknown sampler {name!r} (known: hf, vllm)")
@@ -521,73 +393,6 @@ def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
 def sampler_spec():
     """The arguments of this process's use_sampler call."""
     return dict(_SPEC)
-
-
-class VLLMSampler:
-    """`sample` on a vLLM engine (pinned: vllm==0.30.0, see requirements-gpu.txt).
-
-    One engine per process, built once from the base model's directory (any architecture vLLM
-    serves). It holds one set of weights: before each call whose model differs from the one it
-    last received (another object, or the same one after an optimiser step or load_state_dict,
-    which bump its parameters' version counters), the HF model's weights are pushed into the
-    engine in place with `LLM.apply_model(lambda m: m.load_weights(...))` under the HF names
-    (vLLM's loader stacks q|k|v and gate|up itself), and the prefix cache, computed with the old
-    weights, is reset. No reload from disk. The engine runs in this process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the push passes tensors, not copies.
-
-    Same contract as the HF path: prompts go in as token ids made by the HF tokenizer (special
-    tokens, BOS included, exactly as `hf_sample` and the trainer see them); stop ids are
-    `stop_ids` (tokenizer EOS + the model's generation-config EOS ids) and the stop token stays
-    in the completion; text is decoded by the HF tokenizer; each call has its own seed (the
-    caller's, else one drawn from torch's RNG, so a seeded run repeats its draws)."""
-
-    def __init__(self, path, gpu_memory_utilization=0.3, engine=None):
-        if engine is None:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            from vllm import LLM
-
-            # generation_config="vllm": no sampling defaults from the model's files; every call says its own
-            engine = LLM(model=path, gpu_memory_utilization=gpu_memory_utilization, seed=0,
-                         enable_prefix_caching=True, generation_config="vllm")
-        self.engine = engine
-        self.holds = (None, None)  # (weakref to the model whose weights the engine holds, their version)
-        self.pushes = 0
-
-    def sync(self, model):
-        """Push model's weights into the engine unless it already holds exactly these."""
-        import weakref
-
-        version = sum(p._version for p in model.parameters())  # bumped by every in-place update
-        ref, held = self.holds
-        if ref is not None and ref() is model and held == version:
-            return False
-        weights = list(model.state_dict().items())
-        self.engine.apply_model(lambda m: m.load_weights(weights))
-        self.engine.reset_prefix_cache()
-        self.holds, self.pushes = (weakref.ref(model), version), self.pushes + 1
-        return True
-
-    def __call__(self, model, tok, prompts, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512, greedy=False,
-                 seed=None):
-        from vllm import SamplingParams
-
-        self.sync(model)
-        stops = stop_ids(model, tok)
-        if seed is None:
-            seed = int(torch.randint(2 ** 31 - 1, ()))
-        params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=stops, detokenize=False)
-        ids = [tok(p)["input_ids"] for p in prompts]  # the HF tokenizer's special tokens, as in hf_sample
-        reqs = self.engine.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
-        out = []
-        for p, pids, req in zip(prompts, ids, reqs):
-            for c in sorted(req.outputs, key=lambda c: c.index):
-                cids = list(c.token_ids)
-                finished = c.finish_reason == "stop"
-                if finished and (not cids or cids[-1] not in stops):  # keep the stop token, as on the HF path
-                    cids.append(c.stop_reason if isinstance(c.stop_reason, int) else tok.eos_token_id)
-                out.append(Completion(p, tok.decode(cids, skip_special_tokens=True), pids, cids, finished))
-        return out
 
 
 # -----------------------------------------------------------------------------

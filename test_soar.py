@@ -23,6 +23,7 @@ import generate
 import soar
 import train_student
 import train_teacher
+from engines import lean
 from generate import Completion, last_boxed, parse_teacher
 from toy import task
 
@@ -397,7 +398,7 @@ def toy_prompts(n_per_L=2, Ls=range(1, 11)):
 
 def test_fast_path_greedy_equals_hf_generate(toy_loaded):
     model, tok = toy_loaded
-    assert generate.fast_path_ok(model)
+    assert lean.fast_path_ok(model)
     # L = 1..10: prompts of many lengths (left padding) and rows that finish at many steps
     prompts = toy_prompts()
     hf = generate.sample(model, tok, prompts, greedy=True, max_new_tokens=120, fast=False)
@@ -420,14 +421,14 @@ def test_fast_path_logits_equal_hf_with_grouped_query_attention():
                       num_key_value_heads=2, max_position_embeddings=64, rope_theta=500.0)
     model = LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 50, (3, 9))
-    w = generate.lean_weights(model, 16)
+    w = lean.lean_weights(model, 16)
     cache = [tuple(torch.zeros(3, 2, 16, 8) for _ in "kv") for _ in range(2)]
     causal = torch.zeros(9, 9).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        got = torch.nn.functional.linear(generate.lean_hidden(w, ids[:, :8], torch.arange(8).expand(3, 8), cache, 0, causal[None, None, :8, :8])[:, -1], w["lm_head"])
+        got = torch.nn.functional.linear(lean.lean_hidden(w, ids[:, :8], torch.arange(8).expand(3, 8), cache, 0, causal[None, None, :8, :8])[:, -1], w["lm_head"])
         assert torch.allclose(got, want[:, 7], atol=1e-5)
-        nxt = torch.nn.functional.linear(generate.lean_hidden(w, ids[:, 8:], torch.full((3, 1), 8), cache, 8, causal[None, None, 8:, :9])[:, -1], w["lm_head"])
+        nxt = torch.nn.functional.linear(lean.lean_hidden(w, ids[:, 8:], torch.full((3, 1), 8), cache, 8, causal[None, None, 8:, :9])[:, -1], w["lm_head"])
         assert torch.allclose(nxt, want[:, 8], atol=1e-5)  # one decode step on the cache
 
 
@@ -471,7 +472,7 @@ def test_fast_sampler_stops_limits_and_seeds(toy_loaded):
 
 
 class FakeVLLM:
-    """The part of vllm.LLM (0.30) that generate.VLLMSampler uses, on CPU: generate() on token-id
+    """The part of vllm.LLM (0.30) that engines.vllm_sampler.VLLMSampler uses, on CPU: generate() on token-id
     prompts, apply_model(), reset_prefix_cache(). Its engine model is its own copy of an HF model,
     given vLLM's load_weights(iterable of (HF name, tensor)); it generates with HF `generate` on
     those weights, so an unsynced engine shows up as different output. Like vLLM, a completion
@@ -1274,7 +1275,7 @@ def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
 
     tok = timed("load", generate.load_tokenizer, gguf)
     model = timed("load", generate.load_model, gguf, device="cpu")
-    assert generate.model_style(gguf) == "math" and generate.fast_path_ok(model)
+    assert generate.model_style(gguf) == "math" and lean.fast_path_ok(model)
     # its stop ids hold its EOS (<|im_end|>, which is also its pad token)
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
     assert 2 in generate.stop_ids(model, tok)

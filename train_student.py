@@ -33,9 +33,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from engines.lean import fast_path_ok, lean_hidden, lean_weights
 from evaluate import greedy_accuracy, load_problems, shaped_reward
-from generate import (HelpFormatter, add_prompt_args, add_sampler_args, fast_path_ok, lean_hidden, lean_weights, load_model,
-                      load_tokenizer, precision, resolve_style, sample, save_model, student_prompt, use_sampler)
+from generate import (HelpFormatter, add_prompt_args, add_sampler_args, load_model, load_tokenizer, precision,
+                      resolve_style, sample, save_model, student_prompt, use_sampler)
 
 
 @dataclass
