@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 
 def fast_path_ok(model):
+    """Whether this loop can run the model: Llama-family architectures (config.model_type "llama")."""
     return getattr(getattr(model, "config", None), "model_type", None) == "llama"
 
 
