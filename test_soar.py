@@ -860,6 +860,13 @@ def test_report_table_and_sweep_paths(tmp_path):
     assert found["answers_per_step"]["grounded reward (SOAR)"] == {"0": [1.0, 0.0], "1": [1.0, 0.0]}
     assert found["evaluation_answers"] == {"grounded-t": {"0": [0.5, 0.5]}}  # 7 ops of +1: answer 5678, not 5
     assert report.answer_key([{"question": "not a chain", "answer": "1"}]) is None
+    # the reward's pull toward hard questions: datasets [L 8, 8 | 3, 3 | 8, 3] (shares 1, 0, 0.5, centred 0.5,
+    # -0.5, 0) with R_k = [0.2, 0, 0.1] (advantages 0.15, -0.15, 0): perfectly aligned; reversed R_k: -1
+    rows = [{"difficulty": [8, 8, 3, 3, 8, 3], "rewards": [0.2, 0.0, 0.1]}, {"difficulty": [3, None], "rewards": [0.1]}]
+    assert report.hard_signal(rows) == pytest.approx(1.0)
+    assert report.hard_signal([dict(rows[0], rewards=[0.0, 0.2, 0.1])]) == pytest.approx(-1.0)
+    assert report.hard_signal([dict(rows[0], rewards=[0.1, 0.1, 0.1])]) is None  # equal R_k: no direction
+    assert teach["grounded reward (SOAR)"]["hard_signal"] == {"0": None, "1": None}  # no R_k in these logs
     # every path the sweep checks or passes lies directly under its root
     for done, cmd in toy_table.commands("R", 3):
         assert done.startswith(os.path.join("R", "")) and done.count("R" + os.sep) == 1

@@ -204,6 +204,25 @@ def mean_difficulty(row):
     return statistics.mean(ds) if ds else float("nan")
 
 
+def hard_signal(rows, hard=7):
+    """How far a run's teacher reward points toward hard questions: the correlation, pooled over its
+    outer steps, between each dataset's RLOO advantage (R_k minus the mean of the other R_k: the weight
+    the teacher's update gives that dataset) and its share of questions at L >= hard, centred within the
+    step. 0: the update ignores difficulty; 1: it ranks datasets by it. None without the numbers."""
+    xs, ys = [], []
+    for r in rows:
+        d, rw = r.get("difficulty"), r.get("rewards")
+        if not d or not rw or len(rw) < 2:
+            continue
+        g, n = len(rw), len(d) // len(rw)  # the step's questions, dataset after dataset
+        share = [sum((x or 0) >= hard for x in d[k * n:(k + 1) * n]) / n for k in range(g)]
+        xs += [s - statistics.mean(share) for s in share]
+        ys += [x - (sum(rw) - x) / (g - 1) for x in rw]
+    if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
+        return None
+    return statistics.correlation(xs, ys)
+
+
 def teacher_summary(root):
     """Per teacher kind: promotions, question diversity and difficulty over its runs' outer steps."""
     out = {}
@@ -215,7 +234,8 @@ def teacher_summary(root):
                                                            for s, rs in runs.items()},
                          "question_diversity": statistics.mean(r["question_diversity"] for r in rows),
                          "mean_difficulty": statistics.mean(mean_difficulty(r) for r in rows),
-                         "reward_mean": statistics.mean(r["reward_mean"] for r in rows)}
+                         "reward_mean": statistics.mean(r["reward_mean"] for r in rows),
+                         "hard_signal": {s: hard_signal(rs) for s, rs in runs.items()}}
     return out
 
 
@@ -225,9 +245,11 @@ def teacher_lines(teach, shared, answers=None):
     lines = []
     if teach:
         lines += ["", "", "| teacher run | runs | promotions (seed: count) | mean R̂ (the run's own reward) | question diversity | "
-                  "mean difficulty L |", "|---|---|---|---|---|---|"]
+                  "mean difficulty L | reward toward L >= 7 (seed: correlation) |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
-                  f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} |" for name, d in teach.items()]
+                  f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} | "
+                  f"{json.dumps({s: None if c is None else round(c, 2) for s, c in d['hard_signal'].items()})} |"
+                  for name, d in teach.items()]
     for key, per_seed in shared.items():
         lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
                      + json.dumps(per_seed))
