@@ -871,6 +871,8 @@ def test_report_table_and_sweep_paths(tmp_path):
     for done, cmd in toy_table.commands("R", 3):
         assert done.startswith(os.path.join("R", "")) and done.count("R" + os.sep) == 1
         assert not any(c.count("R" + os.sep) > 1 for c in cmd)
+    soar_cmd, intr_cmd = [cmd for _, cmd in toy_table.commands("R", 3, 30, ["--r", "3"]) if cmd[1] == "soar.py"]
+    assert soar_cmd[soar_cmd.index("--r") + 1] == "3" and "--r" not in intr_cmd  # a variant changes the SOAR run only
 
 
 def test_sweep_and_report_run_as_files(tmp_path):

@@ -6,6 +6,7 @@ root (`python experiments/toy_table.py` works too):
     python -m experiments.toy_table                 # every method x 5 seeds, then the report
     python -m experiments.toy_table --seeds 0       # one seed
     python -m experiments.toy_table --seeds 0 --dry # print the commands only
+    python -m experiments.toy_table --seeds 0 --soar-args "--r 3" --root runs/toy_table_r3 --dry   # a variant
 
 For each seed: SOAR (grounded teacher, promotion; soar.py's toy preset with --steps 30), the edge of
 its final student if it promoted (toy.build edge), Intrinsic-T (the learnability reward, 30 steps),
@@ -28,6 +29,7 @@ T = 4, the first hard set, commit 333b3a2).
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -45,14 +47,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def commands(root, seed, soar_steps=None):
-    """(file whose existence means done, command) for one seed, in order; run from the repository root."""
+def commands(root, seed, soar_steps=None, soar_args=()):
+    """(file whose existence means done, command) for one seed, in order; run from the repository root.
+    soar_args: extra soar.py flags for the SOAR run (a variant of the preset; Intrinsic-T keeps it)."""
     r = lambda *p: os.path.join(root, *p)  # noqa: E731
     soar, intr = r(f"soar-seed{seed}"), r(f"intrinsic-seed{seed}")
     s = str(seed)
     steps = ["--steps", str(soar_steps)] if soar_steps else []  # default: the toy preset's T
     return [
-        (os.path.join(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, "--out", soar]),
+        (os.path.join(soar, "pq.jsonl"), [PY, "soar.py", "--seed", s, *steps, *soar_args, "--out", soar]),
         # the edge of the run's final student, if it promoted (else it is the base student's, toy/edge.json)
         (os.path.join(soar, "edge.json"), [PY, "-m", "toy.build", "edge", "--model", os.path.join(soar, "student"),
                                            "--out", os.path.join(soar, "edge.json"), "--seed", s]),
@@ -90,6 +93,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds to run, one sweep each")
     ap.add_argument("--soar-steps", type=int, default=30,
                     help="outer steps T of the SOAR and Intrinsic-T runs (the quick start's `python soar.py` runs 5)")
+    ap.add_argument("--soar-args", default="", metavar="FLAGS",
+                    help='extra soar.py flags for the SOAR runs, e.g. "--r 3" (saved in each run\'s config.json, so a '
+                         "resumed run keeps them); use another --root for such a variant")
     ap.add_argument("--root", default=os.path.join("runs", "toy_table"),
                     help="where every run and result goes (relative to the repository root)")
     ap.add_argument("--results", help="where the report's table and plots go (default: ROOT/report; "
@@ -99,7 +105,7 @@ def main(argv=None):
     os.chdir(HERE)  # soar.py, -m experiments.protocol and toy/model are named from the repository root
     t0 = time.time()
     for seed in a.seeds:
-        for done, cmd in commands(a.root, seed, a.soar_steps):
+        for done, cmd in commands(a.root, seed, a.soar_steps, shlex.split(a.soar_args)):
             if os.path.exists(done):
                 continue
             run_dir = os.path.dirname(done)
