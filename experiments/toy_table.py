@@ -14,7 +14,7 @@ then the protocol of experiments/protocol.py on D_test: base model, Hard-Only, S
 Grounded-T, Base-T, Intrinsic-T. Every fresh student (Hard-Only included) gets the same RL budget:
 60 RLOO steps of 8 questions x 8 samples. Every command is skipped when its result already exists,
 and an interrupted SOAR run continues from its checkpoint, so a stopped sweep continues where it
-stopped. One seed takes about 2 hours on 2 CPU cores (the SOAR run about 80 minutes of it).
+stopped. One seed takes 1.5-2 hours on 2 CPU cores (the SOAR run 65-80 minutes of it).
 
 Token budgets: the SOAR runs use soar.py's toy preset (student 120, teacher 160 tokens); the
 protocol's fresh students and every pass@k use experiments/protocol.py's defaults (student 160,
