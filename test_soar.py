@@ -836,7 +836,8 @@ def test_report_table_and_sweep_paths(tmp_path):
             d = root / f"{prefix}-seed{seed}"
             d.mkdir()
             rows = [{"step": t, "reward_mean": 0.1 * t, "reward_ma": 0.1, "promoted": t == 1 and seed == 0,
-                     "promotions": int(t == 1 and seed == 0), "question_diversity": div, "difficulty": [4, 6, None]}
+                     "promotions": int(t == 1 and seed == 0), "question_diversity": div, "difficulty": [4, 6, None],
+                     "repeat_rewards": [[-0.1, 0.2], [0.0, -0.3]]}
                     for t in range(2)]  # seed 1 never promotes
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             # the toy answer key: 3+4 = 7 is right; step 1's chain (L = 7) ends 0, 0, 9, 8: its answer 4900 is wrong
@@ -846,12 +847,20 @@ def test_report_table_and_sweep_paths(tmp_path):
     d = root / "grounded-t-seed0"
     d.mkdir()
     (d / "questions.jsonl").write_text('{"question": "3+4", "answer": "7"}\n{"question": "1+1+1+1+1+1+1+1", "answer": "5"}\n')
+    (d / "curve.jsonl").write_text("".join(json.dumps({"step": t, "train_accuracy": 0.1 * (t >= 20)}) + "\n"
+                                           for t in range(40)))
     out = tmp_path / "out"
     report.main(["--root", str(root), "--out", str(out), "--name", "t"])
     md = (out / "t.md").read_text()
     # PQ is averaged over the runs that promoted; the one that never did is counted, not averaged in
     assert "| SOAR-PQ | 1 promoted (1 never promoted, left out) | 10.0 ± 0.0 |" in md and "| Hard-Only | 0 | - |" in md
     assert "| SOAR run: promotions | 1 | 0 |" in md
+    # the per-seed facts: students below their baseline after the last promotion (seed 0: none after step 1;
+    # seed 1 never promoted: all of its steps), the evaluation questions' answer key, a fresh student's training
+    assert "| SOAR run: promotions (at outer steps) | 1 (1) | 0 |" in md
+    assert "below their baseline, after the last promotion (all steps if none) | 0 of 0 | 4 of 8 |" in md
+    assert "| Grounded-T: evaluation questions with the right answer | 50% | - |" in md
+    assert "| Grounded-T: fresh student's training accuracy, first -> last 20 steps | 0% -> 10% | - |" in md
     teach = json.load(open(out / "t.json"))["teachers"]
     assert teach["learnability reward (Intrinsic-T)"]["question_diversity"] == pytest.approx(0.2)
     assert teach["grounded reward (SOAR)"]["promotions"] == {"0": 1, "1": 0}

@@ -62,7 +62,7 @@ def lean_hidden(w, ids, pos, cache, t0, mask):
     """Final (normed) hidden states [B, T, D] for token ids [B, T] at positions pos [B, T]. The new
     keys and values go into cache (per layer (K, V) [B, kv_heads, T_max, head_dim]) at t0..t0+T;
     queries attend to cache[:t0+T] under the additive mask [B or 1, 1, T, t0+T] (0 or -inf).
-    Differentiable: training runs it too (train_student.completion_logprobs)."""
+    Differentiable: training runs it too (train_student.shared_prompt_logprobs)."""
     nh, nkv, hd = w["heads"]
     B, T = ids.shape
     h = F.embedding(ids, w["embed"])

@@ -1,7 +1,7 @@
 """
 python -m experiments.report -- the paper-style table and plots from result directories. Run it from
 the repository root (`python experiments/report.py` works too, without the answer-key numbers: they need
-toy/task.py, which only `-m` puts on the path; nothing else of the project is imported).
+toy/task.py, which only `-m` puts on the path; of the project it imports only experiments/plots.py).
 
     python -m experiments.report --root runs/toy_table                            # -> runs/toy_table/report/
     python -m experiments.report --root runs/toy_table --out experiments/results/toy_table  # the committed files
@@ -9,12 +9,17 @@ toy/task.py, which only `-m` puts on the path; nothing else of the project is im
 Reads ROOT/<method>-seed<S>/result.json (pass@k, per-problem success counts), ROOT/soar-seed<S>/ and
 ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a run promoted), and writes to OUT
     NAME.md         pass@k per method, mean +- SD over seeds; each claim of the paper as a paired
-                    difference per seed with a bootstrap interval over the test problems
+                    difference per seed with a bootstrap interval over the test problems; the teacher runs;
+                    a per-seed table of what each seed's runs did (promotions, inner students below their
+                    baseline, the final student's edge, the teachers' questions at L >= 7 early and late,
+                    where each reward points, the evaluation questions' answer key, whether each fresh
+                    student learned its training mix)
     NAME.json       the same numbers, per seed
     RUN-metrics.jsonl, soar-seed<S>-edge.json   copies of the teacher runs' logs and edges
-    *.png           teacher reward (with moving average and promotions), pass@k curves, the share of
-                    each difficulty L among the teacher's questions per outer step (with the student's
-                    edge), difficulty by promotion stage, teacher diversity and answer key
+    *.png           the figures of experiments/plots.py: teacher reward (with moving average and
+                    promotions), pass@k curves, the share of each difficulty L among the teacher's
+                    questions per outer step (with the student's edge), difficulty by promotion stage,
+                    teacher diversity and answer key
 On the toy world every teacher answer can be checked: the report gives the share of the teacher's
 answers that are right, per outer step (from ROOT/<run>-seed<S>/teacher_samples.jsonl) and for the
 evaluation questions of Base-T, Grounded-T and Intrinsic-T (ROOT/<method>-seed<S>/questions.jsonl).
@@ -33,6 +38,10 @@ import re
 import shutil
 import statistics
 
+try:  # python -m experiments.report; run as a file, experiments/ itself is on the path
+    from experiments.plots import GROUNDED, mean_difficulty, plots
+except ModuleNotFoundError:
+    from plots import GROUNDED, mean_difficulty, plots
 try:  # the toy world's answer key; importable only with the repository root on the path (python -m)
     from toy.task import difficulty as toy_difficulty, solve as toy_solve
 except ImportError:
@@ -196,12 +205,7 @@ def claim_lines(found):
     return lines if len(lines) > 2 else []
 
 
-TEACHER_RUNS = [("soar", "grounded reward (SOAR)"), ("intrinsic", "learnability reward (Intrinsic-T)")]
-
-
-def mean_difficulty(row):
-    ds = [d for d in row.get("difficulty", []) if d is not None]
-    return statistics.mean(ds) if ds else float("nan")
+TEACHER_RUNS = [("soar", GROUNDED), ("intrinsic", "learnability reward (Intrinsic-T)")]
 
 
 def hard_signal(rows, hard=7):
@@ -239,24 +243,70 @@ def teacher_summary(root):
     return out
 
 
-def teacher_lines(teach, shared, answers=None):
-    """The teacher summary table, the question overlap and the evaluation questions' answer key, as
-    markdown (empty when there is none of them)."""
-    lines = []
-    if teach:
-        lines += ["", "", "| teacher run | runs | promotions (seed: count) | mean R̂ (the run's own reward) | question diversity | "
-                  "mean difficulty L | reward toward L >= 7 (seed: correlation) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {d['runs']} | {json.dumps(d['promotions'])} | {d['reward_mean']:.4f} | "
-                  f"{d['question_diversity']:.3f} | {d['mean_difficulty']:.2f} | "
-                  f"{json.dumps({s: None if c is None else round(c, 2) for s, c in d['hard_signal'].items()})} |"
-                  for name, d in teach.items()]
+def teacher_lines(teach):
+    """The teacher summary table as markdown (empty when there is no teacher run)."""
+    if not teach:
+        return ""
+    return "\n".join(["", "", "| teacher run | runs | mean R̂ (the run's own reward) | question diversity | mean difficulty L |",
+                      "|---|---|---|---|---|"] +
+                     [f"| {name} | {d['runs']} | {d['reward_mean']:.4f} | {d['question_diversity']:.3f} | "
+                      f"{d['mean_difficulty']:.2f} |" for name, d in teach.items()])
+
+
+def hard_share(rows):
+    """Share of the questions at L >= 7 over these outer steps' logs (None without difficulties)."""
+    ds = [d for r in rows for d in r.get("difficulty", []) if d is not None]
+    return sum(d >= 7 for d in ds) / len(ds) if ds else None
+
+
+def seed_facts(root, teach, shared, answers):
+    """{fact: {seed: text}}: what each seed's runs did, one fact per row of the report's per-seed table."""
+    facts, pct = {}, lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+    for s, rows in soar_metrics(root).items():
+        at = [r["step"] for r in rows if r["promoted"]]
+        facts.setdefault("SOAR run: promotions (at outer steps)", {})[s] = f"{len(at)} ({', '.join(map(str, at))})" if at else "0"
+        after = [x for r in rows if not at or r["step"] > at[-1] for xs in r.get("repeat_rewards") or [] for x in xs]
+        facts.setdefault("SOAR run: inner students below their baseline, after the last promotion (all steps if "
+                         "none)", {})[s] = f"{sum(x < 0 for x in after)} of {len(after)}"
+        e = os.path.join(root, f"soar-seed{s}", "edge.json")
+        if os.path.isfile(e):
+            by_l = {r["L"]: r["sampled"] for r in json.load(open(e))["student"]}
+            facts.setdefault("SOAR run: final student's edge L (its sampled success at L = 8, 9)", {})[s] = \
+                f"{edge(e)} ({pct(by_l.get(8))}, {pct(by_l.get(9))})"
+    for prefix, name in TEACHER_RUNS:
+        for s, rows in soar_metrics(root, prefix).items():
+            facts.setdefault(f"{name.split(' (')[0]}: questions at L >= 7, steps 0-4 -> last 10", {})[s] = \
+                f"{pct(hard_share(rows[:5]))} -> {pct(hard_share(rows[-10:]))}"
+    for prefix, name in TEACHER_RUNS:
+        for s, c in teach.get(name, {}).get("hard_signal", {}).items():
+            facts.setdefault(f"{name.split(' (')[0]}: reward toward L >= 7 (hard_signal)", {})[s] = \
+                "-" if c is None else f"{c:+.2f}"
     for key, per_seed in shared.items():
-        lines.append(f"\n{key}: evaluation questions identical to Base-T's (seed: shared/total): "
-                     + json.dumps(per_seed))
-    for key, per_seed in (answers or {}).items():
-        lines.append(f"\n{key}: evaluation questions with the right answer, and at L >= 7 (seed: [right, L >= 7]): "
-                     + json.dumps(per_seed))
-    return "\n".join(lines)
+        for s, (same, n) in per_seed.items():
+            facts.setdefault(f"{dict(METHODS)[key]}: evaluation questions identical to Base-T's", {})[int(s)] = \
+                f"{same} of {n}"
+    for i, what in enumerate(("with the right answer", "at L >= 7")):
+        for key, per_seed in answers.items():
+            for s, v in per_seed.items():
+                facts.setdefault(f"{dict(METHODS)[key]}: evaluation questions {what}", {})[int(s)] = pct(v[i])
+    for key, name in METHODS:  # did the fresh student learn its training mix? (first vs last 20 of its steps)
+        for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "curve.jsonl"))):
+            acc = [json.loads(line).get("train_accuracy") for line in open(path)]
+            if len(acc) >= 40 and None not in acc:
+                facts.setdefault(f"{name}: fresh student's training accuracy, first -> last 20 steps", {})[
+                    int(re.search(r"seed(\d+)", path).group(1))] = f"{pct(statistics.mean(acc[:20]))} -> " \
+                                                                    f"{pct(statistics.mean(acc[-20:]))}"
+    return facts
+
+
+def seed_lines(facts):
+    """The per-seed facts as a markdown table (fact per row, seed per column)."""
+    seeds = sorted({s for per in facts.values() for s in per})
+    if not seeds:
+        return ""
+    return "\n".join(["", "", "Per seed (toy world; from the runs' logs):", "",
+                      "| | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)] +
+                     [f"| {fact} | " + " | ".join(per.get(s, "-") for s in seeds) + " |" for fact, per in facts.items()])
 
 
 def answer_key(pairs):
@@ -292,7 +342,7 @@ def evaluation_answers(root):
         for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "questions.jsonl"))):
             k = answer_key([json.loads(line) for line in open(path)])
             if k:
-                out.setdefault(key, {})[re.search(r"seed(\d+)", path).group(1)] = [round(x, 3) for x in k]
+                out.setdefault(key, {})[re.search(r"seed(\d+)", path).group(1)] = [round(x, 4) for x in k]
     return out
 
 
@@ -311,139 +361,6 @@ def edge(path):
         return None
     rows = json.load(open(path))["student"]
     return max((r["L"] for r in rows if r["sampled"] >= 0.5), default=None)
-
-
-def difficulty_shares(rows, top=10):
-    """[step][L-1]: the share of each outer step's teacher questions at L = 1..top (top: top or more)."""
-    out = []
-    for r in rows:
-        ds = [min(d, top) for d in r.get("difficulty", []) if d is not None]
-        out.append([ds.count(L) / max(1, len(ds)) for L in range(1, top + 1)])
-    return out
-
-
-def save(fig, out_dir, name):
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plots(root, res, out_dir, keyed=None):
-    """The plots; keyed: {teacher run kind: answers_per_step(...)} (the toy answer key), computed once in main."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: table only (pip install matplotlib for the plots)")
-        return []
-    made = []
-    runs = soar_metrics(root)
-    if runs:  # teacher reward, its moving average and promotions; the learnability teacher's reward below
-        rows_of = [("SOAR", runs)] + [("Intrinsic-T", r_) for r_ in [soar_metrics(root, "intrinsic")] if r_]
-        cols = max(len(r_) for _, r_ in rows_of)
-        fig, axes = plt.subplots(len(rows_of), cols, figsize=(4 * cols, 3 * len(rows_of)), squeeze=False)
-        for i, (kind, runs_) in enumerate(rows_of):
-            for ax, (seed, rows) in zip(axes[i], runs_.items()):
-                steps = [r["step"] for r in rows]
-                label = "mean grounded reward R̂" if kind == "SOAR" else "mean learnability reward"
-                ax.plot(steps, [r["reward_mean"] for r in rows], "o-", ms=3, label=label)
-                if kind == "SOAR":
-                    ax.plot(steps, [r["reward_ma"] for r in rows], "-", label="moving average")
-                for r in rows:
-                    if r["promoted"]:
-                        ax.axvline(r["step"], color="green", ls="--", lw=1)
-                ax.axhline(0, color="gray", lw=0.5)
-                ax.set_title(f"{kind} seed {seed}" + (" (dashed: promotion)" if kind == "SOAR" else ""), fontsize=9)
-                ax.set_xlabel("outer step")
-            axes[i][0].legend(fontsize=7)
-        made.append(save(fig, out_dir, "teacher_reward.png"))
-        # teacher question difficulty by promotion stage (toy world)
-        if any("difficulty" in r for rows in runs.values() for r in rows):
-            stages = {}
-            for rows in runs.values():
-                stage = 0
-                for r in rows:
-                    stages.setdefault(stage, []).extend(d for d in r.get("difficulty", []) if d is not None)
-                    stage += bool(r["promoted"])
-            fig, ax = plt.subplots(figsize=(5.5, 3.2))
-            for stage, ds in sorted(stages.items()):
-                if ds:
-                    ax.hist(ds, bins=range(1, 13), density=True, histtype="step", lw=2,
-                            label=f"after {stage} promotion(s), {len(ds)} questions")
-            ax.set_xlabel("difficulty L of the teacher's questions")
-            ax.set_ylabel("share")
-            ax.legend(fontsize=7)
-            made.append(save(fig, out_dir, "teacher_difficulty.png"))
-    teachers = {name: soar_metrics(root, prefix) for prefix, name in TEACHER_RUNS}
-    if any(any("difficulty" in r for rows in runs_.values() for r in rows) for runs_ in teachers.values()):
-        # the share of each difficulty L among the teacher's questions, per outer step (mean over seeds),
-        # with the student's edge: the base student's (toy/edge.json) and each SOAR run's final student's
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        base_edge = edge(os.path.join(here, "toy", "edge.json"))
-        kinds = [(name, runs_) for name, runs_ in teachers.items() if runs_]
-        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 3.6), squeeze=False)
-        for ax, (name, runs_) in zip(axes[0], kinds):
-            shares = [difficulty_shares(rows) for rows in runs_.values()]
-            T = min(len(x) for x in shares)
-            mean = [[statistics.mean(x[t][L] for x in shares) for L in range(10)] for t in range(T)]
-            im = ax.imshow(list(map(list, zip(*mean))), origin="lower", aspect="auto", cmap="viridis",
-                           extent=(-0.5, T - 0.5, 0.5, 10.5), vmin=0)
-            fig.colorbar(im, ax=ax, label="share of questions")
-            if base_edge:
-                ax.axhline(base_edge + 0.5, color="white", ls="--", lw=1.5, label=f"base student's edge (L = {base_edge})")
-            if name.startswith("grounded"):
-                for seed, rows in runs_.items():
-                    promos = [r["step"] for r in rows if r["promoted"]]
-                    e = edge(os.path.join(root, f"soar-seed{seed}", "edge.json"))
-                    for t in promos:
-                        ax.plot(t, 10.3, "v", color="red", ms=6)
-                    if promos and e:
-                        ax.plot([promos[-1], T - 0.5], [e + 0.5] * 2, color="red", lw=1.2)
-                ax.plot([], [], "v", color="red", label="promotion; red line: that run's final student's edge")
-            ax.set_title(f"{name}, mean over {len(shares)} seed(s)", fontsize=9)
-            ax.set_xlabel("outer step")
-            ax.set_ylabel("difficulty L (10: 10 or more)")
-            ax.legend(fontsize=6, loc="lower left")
-        made.append(save(fig, out_dir, "teacher_difficulty_steps.png"))
-    if any(teachers.values()):  # grounded vs learnability teacher: diversity, difficulty, answer key per outer step
-        keyed = keyed or {name: {} for _, name in TEACHER_RUNS}
-        fig, axes = plt.subplots(1, 3 if any(keyed.values()) else 2, figsize=(13.5 if any(keyed.values()) else 9, 3.2))
-        for (name, runs_), color in zip(teachers.items(), ("C0", "C3")):
-            for i, (seed, rows) in enumerate(sorted(runs_.items())):
-                steps = [r["step"] for r in rows]
-                label = name if i == 0 else None
-                axes[0].plot(steps, [r["question_diversity"] for r in rows], "o-", color=color, alpha=.7, label=label)
-                axes[1].plot(steps, [mean_difficulty(r) for r in rows], "o-", color=color, alpha=.7, label=label)
-                if seed in keyed[name]:
-                    axes[2].plot(keyed[name][seed], "o-", color=color, alpha=.7, label=label)
-        axes[0].set_ylabel("question diversity")
-        axes[1].set_ylabel("mean difficulty L of questions")
-        if len(axes) == 3:
-            axes[2].set_ylabel("share of teacher answers that are right")
-        for ax in axes:
-            ax.set_xlabel("outer step")
-            ax.legend(fontsize=7)
-        made.append(save(fig, out_dir, "teacher_diversity.png"))
-    if res:  # pass@k curves
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for key, name in METHODS:
-            runs_ = res.get(key, {})
-            if runs_:
-                ys = [100 * statistics.mean(r[f"pass@{k}"] for r in runs_.values()) for k in KS]
-                ax.plot(KS, ys, "o-", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(KS, [str(k) for k in KS])
-        ax.set_xlabel("k")
-        ax.set_ylabel("pass@k on the hard test split (%)")
-        ax.legend(fontsize=7)
-        made.append(save(fig, out_dir, "passk.png"))
-    return made
 
 
 def main(argv=None):
@@ -467,16 +384,19 @@ def main(argv=None):
         t += "\n".join(claim_lines(found))
     teach, shared, answers = teacher_summary(a.root), shared_questions(a.root), evaluation_answers(a.root)
     keyed = {name: answers_per_step(a.root, prefix) for prefix, name in TEACHER_RUNS}
-    t += teacher_lines(teach, shared, answers)
+    facts = seed_facts(a.root, teach, shared, answers)
+    t += teacher_lines(teach) + seed_lines(facts)
     print(t)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
         f.write(t + "\n")
     with open(os.path.join(a.out, f"{a.name}.json"), "w") as f:
         json.dump({"results": res, "claims": found, "teachers": teach, "shared_with_base_t": shared,
-                   "evaluation_answers": answers,
-                   "answers_per_step": keyed},
+                   "evaluation_answers": answers, "answers_per_step": keyed, "per_seed": facts},
                   f, indent=1)
-    for p in plots(a.root, res, a.out, keyed):
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    teachers = {name: soar_metrics(a.root, prefix) for prefix, name in TEACHER_RUNS}
+    edges = {s: edge(os.path.join(a.root, f"soar-seed{s}", "edge.json")) for s in teachers[GROUNDED]}
+    for p in plots(a.out, res, teachers, edges, edge(os.path.join(here, "toy", "edge.json")), keyed, METHODS, KS):
         print("wrote", p)
     # the teacher runs' own logs beside the table (small), so the committed results hold what the plots show
     for path in sorted(glob.glob(os.path.join(a.root, "*-seed*", "metrics.jsonl")) +
