@@ -876,6 +876,12 @@ def test_report_table_and_sweep_paths(tmp_path):
     assert report.hard_signal([dict(rows[0], rewards=[0.0, 0.2, 0.1])]) == pytest.approx(-1.0)
     assert report.hard_signal([dict(rows[0], rewards=[0.1, 0.1, 0.1])]) is None  # equal R_k: no direction
     assert teach["grounded reward (SOAR)"]["hard_signal"] == {"0": None, "1": None}  # no R_k in these logs
+    assert teach["grounded reward (SOAR)"]["right_signal"] == {"0": None, "1": None}  # one dataset per step
+    # ... and toward right answers: the dataset whose answer is right got the higher R_k
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps({"step": 0, "dataset": k, "reward": rw, "pairs": [{"question": "3+4", "answer": a}]})
+                            + "\n" for k, (rw, a) in enumerate([(0.2, "7"), (0.0, "8"), (0.1, "7")])))
+    assert report.right_signal(str(path)) == pytest.approx(0.866, abs=1e-3)  # shares 1, 0, 1 vs advantages
     # every path the sweep checks or passes lies directly under its root
     for done, cmd in toy_table.commands("R", 3):
         assert done.startswith(os.path.join("R", "")) and done.count("R" + os.sep) == 1

@@ -208,23 +208,44 @@ def claim_lines(found):
 TEACHER_RUNS = [("soar", GROUNDED), ("intrinsic", "learnability reward (Intrinsic-T)")]
 
 
-def hard_signal(rows, hard=7):
-    """How far a run's teacher reward points toward hard questions: the correlation, pooled over its
-    outer steps, between each dataset's RLOO advantage (R_k minus the mean of the other R_k: the weight
-    the teacher's update gives that dataset) and its share of questions at L >= hard, centred within the
-    step. 0: the update ignores difficulty; 1: it ranks datasets by it. None without the numbers."""
+def pooled_signal(steps):
+    """How far a run's teacher reward points along a feature of its datasets: the correlation, pooled over
+    the outer steps [(feature of each dataset, R_k of each dataset)], between each dataset's RLOO advantage
+    (R_k minus the mean of the other R_k: the weight the teacher's update gives that dataset) and its
+    feature, centred within the step. 0: the update ignores the feature; 1: it ranks datasets by it. None
+    without the numbers."""
     xs, ys = [], []
-    for r in rows:
-        d, rw = r.get("difficulty"), r.get("rewards")
-        if not d or not rw or len(rw) < 2:
-            continue
-        g, n = len(rw), len(d) // len(rw)  # the step's questions, dataset after dataset
-        share = [sum((x or 0) >= hard for x in d[k * n:(k + 1) * n]) / n for k in range(g)]
-        xs += [s - statistics.mean(share) for s in share]
-        ys += [x - (sum(rw) - x) / (g - 1) for x in rw]
+    for feature, rw in steps:
+        g = len(rw)
+        if g >= 2:
+            xs += [f - statistics.mean(feature) for f in feature]
+            ys += [x - (sum(rw) - x) / (g - 1) for x in rw]
     if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
         return None
     return statistics.correlation(xs, ys)
+
+
+def hard_signal(rows, hard=7):
+    """pooled_signal of a run's metrics rows along the share of each dataset's questions at L >= hard."""
+    steps = []
+    for r in rows:
+        d, rw = r.get("difficulty"), r.get("rewards")
+        if d and rw:
+            n = len(d) // len(rw)  # the step's questions, dataset after dataset
+            steps.append(([sum((x or 0) >= hard for x in d[k * n:(k + 1) * n]) / n for k in range(len(rw))], rw))
+    return pooled_signal(steps)
+
+
+def right_signal(path):
+    """pooled_signal along the share of each dataset's answers that are right (toy world), from a run's
+    teacher_samples.jsonl; None without the answer key."""
+    steps = {}
+    for line in open(path):
+        row = json.loads(line)
+        steps.setdefault(row["step"], []).append((answer_key(row["pairs"]), row["reward"]))
+    if any(k is None for ds in steps.values() for k, _ in ds):
+        return None
+    return pooled_signal([([k[0] for k, _ in ds], [r for _, r in ds]) for _, ds in sorted(steps.items())])
 
 
 def teacher_summary(root):
@@ -239,7 +260,10 @@ def teacher_summary(root):
                          "question_diversity": statistics.mean(r["question_diversity"] for r in rows),
                          "mean_difficulty": statistics.mean(mean_difficulty(r) for r in rows),
                          "reward_mean": statistics.mean(r["reward_mean"] for r in rows),
-                         "hard_signal": {s: hard_signal(rs) for s, rs in runs.items()}}
+                         "hard_signal": {s: hard_signal(rs) for s, rs in runs.items()},
+                         "right_signal": {s: right_signal(p) for s in runs for p in
+                                          [os.path.join(root, f"{prefix}-seed{s}", "teacher_samples.jsonl")]
+                                          if os.path.isfile(p)}}
     return out
 
 
@@ -277,10 +301,10 @@ def seed_facts(root, teach, shared, answers):
         for s, rows in soar_metrics(root, prefix).items():
             facts.setdefault(f"{name.split(' (')[0]}: questions at L >= 7, steps 0-4 -> last 10", {})[s] = \
                 f"{pct(hard_share(rows[:5]))} -> {pct(hard_share(rows[-10:]))}"
-    for prefix, name in TEACHER_RUNS:
-        for s, c in teach.get(name, {}).get("hard_signal", {}).items():
-            facts.setdefault(f"{name.split(' (')[0]}: reward toward L >= 7 (hard_signal)", {})[s] = \
-                "-" if c is None else f"{c:+.2f}"
+    for key, what in (("hard_signal", "L >= 7 (hard_signal)"), ("right_signal", "right answers (right_signal)")):
+        for prefix, name in TEACHER_RUNS:
+            for s, c in teach.get(name, {}).get(key, {}).items():
+                facts.setdefault(f"{name.split(' (')[0]}: reward toward {what}", {})[s] = "-" if c is None else f"{c:+.2f}"
     for key, per_seed in shared.items():
         for s, (same, n) in per_seed.items():
             facts.setdefault(f"{dict(METHODS)[key]}: evaluation questions identical to Base-T's", {})[int(s)] = \
