@@ -109,9 +109,9 @@ def table(res, promotions=None):
     return "\n".join(lines)
 
 
-def run_promotions(root):
-    """{seed: number of promotions} of each ROOT/soar-seed<S> run (its last metrics line)."""
-    return {int(s): rows[-1]["promotions"] for s, rows in soar_metrics(root).items() if rows}
+def run_promotions(runs):
+    """{seed: number of promotions} of each SOAR run {seed: metrics rows} (its last metrics line)."""
+    return {int(s): rows[-1]["promotions"] for s, rows in runs.items() if rows}
 
 
 def shared_questions(root):
@@ -248,11 +248,12 @@ def right_signal(path):
     return pooled_signal([([k[0] for k, _ in ds], [r for _, r in ds]) for _, ds in sorted(steps.items())])
 
 
-def teacher_summary(root):
-    """Per teacher kind: promotions, question diversity and difficulty over its runs' outer steps."""
+def teacher_summary(root, teachers):
+    """Per teacher kind: promotions, question diversity and difficulty over its runs' outer steps;
+    teachers: {kind: {seed: metrics rows}} (read once in main)."""
     out = {}
     for prefix, name in TEACHER_RUNS:
-        runs = soar_metrics(root, prefix)
+        runs = teachers[name]
         rows = [r for rs in runs.values() for r in rs]
         if rows:
             out[name] = {"runs": len(runs), "promotions": {s: sum(bool(r["promoted"]) for r in rs)
@@ -283,10 +284,10 @@ def hard_share(rows):
     return sum(d >= 7 for d in ds) / len(ds) if ds else None
 
 
-def seed_facts(root, teach, shared, answers):
+def seed_facts(root, teachers, teach, shared, answers):
     """{fact: {seed: text}}: what each seed's runs did, one fact per row of the report's per-seed table."""
     facts, pct = {}, lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-    for s, rows in soar_metrics(root).items():
+    for s, rows in teachers[GROUNDED].items():
         at = [r["step"] for r in rows if r["promoted"]]
         facts.setdefault("SOAR run: promotions (at outer steps)", {})[s] = f"{len(at)} ({', '.join(map(str, at))})" if at else "0"
         after = [x for r in rows if not at or r["step"] > at[-1] for xs in r.get("repeat_rewards") or [] for x in xs]
@@ -297,8 +298,8 @@ def seed_facts(root, teach, shared, answers):
             by_l = {r["L"]: r["sampled"] for r in json.load(open(e))["student"]}
             facts.setdefault("SOAR run: final student's edge L (its sampled success at L = 8, 9)", {})[s] = \
                 f"{edge(e)} ({pct(by_l.get(8))}, {pct(by_l.get(9))})"
-    for prefix, name in TEACHER_RUNS:
-        for s, rows in soar_metrics(root, prefix).items():
+    for name, runs in teachers.items():
+        for s, rows in runs.items():
             facts.setdefault(f"{name.split(' (')[0]}: questions at L >= 7, steps 0-4 -> last 10", {})[s] = \
                 f"{pct(hard_share(rows[:5]))} -> {pct(hard_share(rows[-10:]))}"
     for key, what in (("hard_signal", "L >= 7 (hard_signal)"), ("right_signal", "right answers (right_signal)")):
@@ -398,17 +399,18 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.out = a.out or os.path.join(a.root, "report")
     res = collect(a.root)
-    if not res and not soar_metrics(a.root) and not soar_metrics(a.root, "intrinsic"):
+    teachers = {name: soar_metrics(a.root, prefix) for prefix, name in TEACHER_RUNS}  # every run's log, read once
+    if not res and not any(teachers.values()):
         raise SystemExit(f"error: no */result.json and no soar-seed*/ or intrinsic-seed*/metrics.jsonl under {a.root}")
     os.makedirs(a.out, exist_ok=True)
-    promotions = run_promotions(a.root)
+    promotions = run_promotions(teachers[GROUNDED])
     t, found = table(res, promotions), claims(res, promotions)
     if claim_lines(found):
         t += "\n\nPaired differences in points of pass@k (first method minus second, same D_test problems):\n\n"
         t += "\n".join(claim_lines(found))
-    teach, shared, answers = teacher_summary(a.root), shared_questions(a.root), evaluation_answers(a.root)
+    teach, shared, answers = teacher_summary(a.root, teachers), shared_questions(a.root), evaluation_answers(a.root)
     keyed = {name: answers_per_step(a.root, prefix) for prefix, name in TEACHER_RUNS}
-    facts = seed_facts(a.root, teach, shared, answers)
+    facts = seed_facts(a.root, teachers, teach, shared, answers)
     t += teacher_lines(teach) + seed_lines(facts)
     print(t)
     with open(os.path.join(a.out, f"{a.name}.md"), "w") as f:
@@ -418,7 +420,6 @@ def main(argv=None):
                    "evaluation_answers": answers, "answers_per_step": keyed, "per_seed": facts},
                   f, indent=1)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    teachers = {name: soar_metrics(a.root, prefix) for prefix, name in TEACHER_RUNS}
     edges = {s: edge(os.path.join(a.root, f"soar-seed{s}", "edge.json")) for s in teachers[GROUNDED]}
     for p in plots(a.out, res, teachers, edges, edge(os.path.join(here, "toy", "edge.json")), keyed, METHODS, KS):
         print("wrote", p)
