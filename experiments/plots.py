@@ -8,6 +8,7 @@ experiments/plots.py -- the figures of experiments/report.py, drawn from numbers
                                   SOAR run's final student's
     teacher_diversity.png         question diversity, mean L and (toy world) the share of right answers per step
     passk.png                     pass@k per method, mean over seeds
+run_plots() draws one run's figures (python -m experiments.report --run RUN_DIR) from its metrics rows alone.
 
 Nothing of the project is imported; matplotlib only inside plots(), so the tables need none.
 """
@@ -40,6 +41,65 @@ def save(fig, out_dir, name):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_plots(out_dir, rows, name):
+    """One run's figures from its metrics.jsonl rows, into out_dir; returns their paths (ImportError without
+    matplotlib). reward.png: R̂ (Intrinsic-T: the learnability reward), its moving average, the promotions;
+    dataset_rewards.png: each dataset's R_k per step, the promoted one circled; difficulty_steps.png (only
+    where the rows have difficulty: the toy world): the share of each L per step; diversity.png: question
+    diversity and the teacher's rejection rate per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, promos = [r["step"] for r in rows], [r["step"] for r in rows if r.get("promoted")]
+    grounded = any(r.get("reward_ma") is not None for r in rows)  # Intrinsic-T has no moving average
+    made = []
+
+    def done(fig, ax, file, ylabel, color="green"):
+        for t in promos:
+            ax.axvline(t, color=color, ls="--", lw=1)
+        ax.set_title(name + (" (dashed: promotion)" if promos else ""), fontsize=9)
+        ax.set(xlabel="outer step", ylabel=ylabel)
+        if len(steps) <= 20:
+            ax.set_xticks(steps)
+        made.append(save(fig, out_dir, file))
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(steps, [r["reward_mean"] for r in rows], "o-", ms=3, label="R̂ (mean of R_k)" if grounded else "reward")
+    if grounded:
+        ax.plot(steps, [r["reward_ma"] for r in rows], "-", label="moving average")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.legend(fontsize=7)
+    done(fig, ax, "reward.png", "mean grounded reward" if grounded else "mean learnability reward")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for r in rows:  # a step's datasets side by side (dataset k of one step is not dataset k of the next)
+        g = len(r["rewards"])
+        xs = [r["step"] + 0.1 * (k - (g - 1) / 2) for k in range(g)]
+        ax.plot(xs, r["rewards"], "o", color="C0", ms=4)
+        if r.get("promoted"):
+            k = r["promoted"]["dataset"]
+            ax.plot(xs[k], r["rewards"][k], "o", mfc="none", mec="green", ms=10, mew=1.5)
+    ax.axhline(0, color="gray", lw=0.5)
+    done(fig, ax, "dataset_rewards.png", "R_k of each dataset (circled: promoted)")
+
+    if any(r.get("difficulty") for r in rows):  # the toy world's difficulty; a real model's rows have none
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        im = ax.imshow(list(map(list, zip(*difficulty_shares(rows)))), origin="lower", aspect="auto", vmin=0,
+                       cmap="viridis", extent=(steps[0] - 0.5, steps[-1] + 0.5, 0.5, 10.5))
+        fig.colorbar(im, ax=ax, label="share of the step's questions")
+        done(fig, ax, "difficulty_steps.png", "difficulty L (10: 10 or more)", color="red")
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(steps, [r["question_diversity"] for r in rows], "o-", ms=3, label="question diversity")
+    ax.plot(steps, [r["rejection_rate"] for r in rows], "s-", ms=3, label="teacher rejection rate")
+    ax.set_ylim(-0.03, 1.05)
+    ax.legend(fontsize=7)
+    done(fig, ax, "diversity.png", "share")
+    return made
 
 
 def plots(out_dir, res, teachers, edges, base_edge, keyed=None, methods=(), ks=()):

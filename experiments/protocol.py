@@ -23,8 +23,9 @@ over the evaluations in the window after it. The batch accuracy is logged beside
 
 The paper's scale is --steps 1500 --synthetic-steps 64 --smooth 25 --after 200 --warmup 20
 --max-new-tokens 1024 --teacher-max-new-tokens 512 --lr 1e-5 --group 32; the defaults here are the
-toy world's. Each command writes OUT/result.json (and, for fresh students, OUT/curve.jsonl; for the
-teacher evaluation, OUT/questions.jsonl). By default OUT lies under runs/ (or inside the given
+toy world's. Each command writes OUT/result.json (and, for fresh students, OUT/curve.jsonl, with
+--log tensorboard also as TensorBoard curves in OUT while it trains; for the teacher evaluation,
+OUT/questions.jsonl). By default OUT lies under runs/ (or inside the given
 soar.py run directory for ps / pq), never inside a model directory or another shipped file.
 
 The first toy comparison (experiments/results/toy_table_333b3a2/) was made at commit 333b3a2, before two
@@ -43,6 +44,7 @@ from generate import STUDENT_PROMPTS, HelpFormatter, add_sampler_args, load_mode
 from train_student import RLConfig, train
 from train_teacher import sample_teacher_datasets
 from soar import PRESETS
+from tblog import log_row, summary_writer
 
 KS = (1, 4, 8, 16, 32)
 
@@ -54,11 +56,11 @@ def passk(model, tok, test, style, samples, max_new_tokens):
     return dict(pass_at_k_table(counts, samples, KS), counts=counts)
 
 
-def fresh_student(base, synthetic, real, mode, a, test, style):
+def fresh_student(base, synthetic, real, mode, a, test, style, tb=None):
     """Train a fresh copy of `base` and return (result, curve) under the checkpoint rule.
 
     mode: 'curriculum' (synthetic only for the first a.synthetic_steps, then real only),
-          'mixed' (both throughout) or 'real' (Hard-Only)."""
+          'mixed' (both throughout) or 'real' (Hard-Only). tb: a SummaryWriter that gets each curve row."""
     torch.manual_seed(a.seed)
     tok, model = load_tokenizer(base), load_model(base)
     both = synthetic + real
@@ -75,6 +77,8 @@ def fresh_student(base, synthetic, real, mode, a, test, style):
         if (stats["step"] + 1) % a.eval_every == 0:
             row["test"] = passk(model, tok, test, style, a.samples, a.max_new_tokens)
         curve.append(row)
+        if tb:
+            log_row(tb, row)
 
     train(model, tok, pool, a.steps, cfg, random.Random(a.seed), on_step, progress=True)
     # the paper's rule smooths the training reward: the mean shaped reward (120/20/10/0) of each step,
@@ -111,6 +115,15 @@ def default_out(method, model, seed):
     return os.path.join("runs", "protocol", f"{method}-{os.path.basename(os.path.normpath(model))}-seed{seed}")
 
 
+def out_dir(a, base):
+    """The result directory (see --out): inside the run for ps / pq, else under runs/protocol/."""
+    if a.out:
+        return a.out
+    if a.method in ("ps", "pq"):
+        return os.path.join(a.run, "eval-ps" if a.method == "ps" else f"eval-pq-{a.mode}")
+    return default_out(a.method, {"passk": a.model, "teacher": a.teacher}.get(a.method, base), a.seed)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.protocol", description=__doc__,
                                  formatter_class=HelpFormatter)
@@ -122,6 +135,9 @@ def main(argv=None):
                                   "runs/protocol/<method>-<model directory name>-seed<S>; never inside a model "
                                   "directory)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling, the training and the question order")
+    ap.add_argument("--log", choices=["none", "tensorboard"], default="none",
+                    help="tensorboard: a fresh student's curve.jsonl rows also as TensorBoard curves in OUT, as it "
+                         "trains (pip install tensorboard==2.21.0); passk and ps train nothing")
     g = ap.add_argument_group("inputs")
     g.add_argument("--model", help="passk: the model to measure (required for passk)")
     g.add_argument("--run", help="ps / pq: a soar.py run directory (required for ps and pq); its config.json "
@@ -180,6 +196,7 @@ def main(argv=None):
     need = {"passk": "model", "ps": "run", "pq": "run", "teacher": "teacher"}.get(a.method)
     if need and not getattr(a, need):
         ap.error(f"{a.method} needs --{need}")
+    writer = summary_writer() if a.log == "tensorboard" else None  # a missing package stops here, before any work
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # defaults come from the soar.py run measured (--run, or the run a --teacher was saved in), else
     # from the toy preset, so that fresh students see the hard set and learning rate the run's students saw
@@ -207,23 +224,24 @@ def main(argv=None):
     use_sampler(a.sampler, {"passk": a.model, "ps": ps, "teacher": a.teacher}.get(a.method) or base, a.vllm_memory)
     info = dict(method=a.method, seed=a.seed, test=os.path.relpath(test_path, here), samples=a.samples,
                 max_new_tokens=a.max_new_tokens, lr=a.lr)
+    out = out_dir(a, base)
+    # purge_step=0: a rerun into the same OUT replaces the curves, as it replaces result.json
+    tb = writer(out, purge_step=0) if writer and a.method in ("pq", "teacher", "hard-only") else None
     if a.method == "passk":
         torch.manual_seed(a.seed)
         tok, model = load_tokenizer(a.model), load_model(a.model)
-        write(a.out or default_out("passk", a.model, a.seed), passk(model, tok, test, style, a.samples, a.max_new_tokens),
-              model=a.model, **info)
+        write(out, passk(model, tok, test, style, a.samples, a.max_new_tokens), model=a.model, **info)
     elif a.method == "ps":
         torch.manual_seed(a.seed)
         tok, model = load_tokenizer(ps), load_model(ps)
-        write(a.out or os.path.join(a.run, "eval-ps"), passk(model, tok, test, style, a.samples, a.max_new_tokens),
-              model=ps, **info)
+        write(out, passk(model, tok, test, style, a.samples, a.max_new_tokens), model=ps, **info)
     elif a.method == "pq":
         pq = [(r["question"], r["answer"]) for r in map(json.loads, open(os.path.join(a.run, "pq.jsonl")))]
         if not pq:  # no promotion: PQ is empty and the student sees D_train alone
-            result, curve = fresh_student(base, [], real, "real", a, test, style)
+            result, curve = fresh_student(base, [], real, "real", a, test, style, tb)
         else:
-            result, curve = fresh_student(base, pq, real, a.mode, a, test, style)
-        write(a.out or os.path.join(a.run, f"eval-pq-{a.mode}"), result, curve, pq_size=len(pq), mode=a.mode, **info)
+            result, curve = fresh_student(base, pq, real, a.mode, a, test, style, tb)
+        write(out, result, curve, pq_size=len(pq), mode=a.mode, **info)
     elif a.method == "teacher":
         torch.manual_seed(a.seed)
         tok, teacher = load_tokenizer(a.teacher), load_model(a.teacher)
@@ -233,16 +251,17 @@ def main(argv=None):
                                               max_new_tokens=a.teacher_max_new_tokens)
         del teacher
         synthetic = [(q, ans) for _, q, ans in data]
-        result, curve = fresh_student(base, synthetic, real, a.mode, a, test, style)
-        out = a.out or default_out("teacher", a.teacher, a.seed)
+        result, curve = fresh_student(base, synthetic, real, a.mode, a, test, style, tb)
         write(out, result, curve, teacher=a.teacher, mode=a.mode, rejection_rate=st["rejection_rate"],
               teacher_max_new_tokens=a.teacher_max_new_tokens, **info)
         with open(os.path.join(out, "questions.jsonl"), "w") as f:
             for q, ans in synthetic:
                 f.write(json.dumps({"question": q, "answer": ans}) + "\n")
     else:
-        result, curve = fresh_student(base, [], real, "real", a, test, style)
-        write(a.out or default_out("hard-only", base, a.seed), result, curve, **info)
+        result, curve = fresh_student(base, [], real, "real", a, test, style, tb)
+        write(out, result, curve, **info)
+    if tb:
+        tb.close()
 
 
 if __name__ == "__main__":

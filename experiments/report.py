@@ -5,6 +5,7 @@ toy/task.py, which only `-m` puts on the path; of the project it imports only ex
 
     python -m experiments.report --root runs/toy_table                            # -> runs/toy_table/report/
     python -m experiments.report --root runs/toy_table --out experiments/results/toy_table  # the committed files
+    python -m experiments.report --run runs/soar-toy-seed0                       # one run -> its report/
 
 Reads ROOT/<method>-seed<S>/result.json (pass@k, per-problem success counts), ROOT/soar-seed<S>/ and
 ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a run promoted), and writes to OUT
@@ -27,6 +28,10 @@ By default OUT is ROOT/report: nothing lands in experiments/results unless --out
 committed experiments/results/toy_table/ was made with the second command, from the sweep of
 experiments/toy_table.py (experiments/results/toy_table_333b3a2/ holds the earlier 4-step sweep's).
 matplotlib is needed for the plots only (pip install matplotlib); without it only the table is written.
+
+--run RUN_DIR draws one soar.py run's figures (plots.run_plots: reward with promotions, per-dataset
+rewards, the share of each difficulty L per step where the world defines difficulty, diversity) from
+RUN_DIR/metrics.jsonl alone, into RUN_DIR/report/ (or --out); it may run while the run is still going.
 """
 import argparse
 import glob
@@ -39,9 +44,9 @@ import shutil
 import statistics
 
 try:  # python -m experiments.report; run as a file, experiments/ itself is on the path
-    from experiments.plots import GROUNDED, mean_difficulty, plots
+    from experiments.plots import GROUNDED, mean_difficulty, plots, run_plots
 except ModuleNotFoundError:
-    from plots import GROUNDED, mean_difficulty, plots
+    from plots import GROUNDED, mean_difficulty, plots, run_plots
 try:  # the toy world's answer key; importable only with the repository root on the path (python -m)
     from toy.task import difficulty as toy_difficulty, solve as toy_solve
 except ImportError:
@@ -388,6 +393,27 @@ def edge(path):
     return max((r["L"] for r in rows if r["sampled"] >= 0.5), default=None)
 
 
+def run_report(run, out):
+    """--run: one run's figures from RUN/metrics.jsonl; returns their paths. A torn last line (the run is
+    writing it) is left out."""
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --run {run}: no metrics.jsonl there (not a soar.py run directory)")
+    rows = []
+    for line in open(path):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    if not rows:
+        raise SystemExit(f"error: --run {run}: {path} holds no finished outer step yet")
+    os.makedirs(out, exist_ok=True)
+    try:
+        return run_plots(out, rows, os.path.basename(os.path.normpath(run)))
+    except ImportError:
+        raise SystemExit("error: --run draws figures and needs matplotlib: pip install matplotlib==3.11.2")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
                                  formatter_class=HelpFormatter)
@@ -396,7 +422,13 @@ def main(argv=None):
     ap.add_argument("--out", help="where the table and plots go (default: ROOT/report; the committed copies "
                                   "are made with --out experiments/results/toy_table)")
     ap.add_argument("--name", default="toy_table", help="file name stem of the table: OUT/NAME.md and OUT/NAME.json")
+    ap.add_argument("--run", metavar="RUN_DIR", help="instead of a sweep: one soar.py run's figures, from "
+                                                     "RUN_DIR/metrics.jsonl, into RUN_DIR/report (or --out)")
     a = ap.parse_args(argv)
+    if a.run:
+        for p in run_report(a.run, a.out or os.path.join(a.run, "report")):
+            print("wrote", p)
+        return
     a.out = a.out or os.path.join(a.root, "report")
     res = collect(a.root)
     teachers = {name: soar_metrics(a.root, prefix) for prefix, name in TEACHER_RUNS}  # every run's log, read once
