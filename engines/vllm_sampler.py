@@ -58,7 +58,8 @@ def build_engine(path, dtype="fp32", gpu_memory_utilization=0.3):
     # needed afterwards, and child processes (the verifier, Ray workers) must not inherit them.
     set_threads, threads, preload = torch.set_num_threads, torch.get_num_threads(), os.environ.get("LD_PRELOAD")
     try:
-        # skip_tokenizer_init: prompts come as ids, completions go back as ids.
+        # skip_tokenizer_init: prompts come as ids, completions go back as ids (vLLM then logs a failed
+        # chat-template warmup at start: harmless, nothing here renders chats).
         # generation_config="vllm": no sampling defaults from the model's files; every call says its own.
         # enforce_eager on CPU: no inductor compile at start (minutes, and a C compiler); CUDA keeps its graphs.
         return LLM(model=path, dtype=DTYPES[dtype], gpu_memory_utilization=gpu_memory_utilization, seed=0,
