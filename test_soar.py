@@ -878,20 +878,20 @@ def toy_misses(toy_loaded, tmp_path_factory):
 
 
 def learning_args(hard, out, steps=2):
-    """toy_ray_args on toy_misses, with a seed whose step 0 promotes: S grows by 1, not 5."""
+    """toy_ray_args on toy_misses, with groups of 8 and a seed whose step 0 promotes a student that
+    moved (R = [0.4375, 0]; with groups of 4 the median student had no signal and stayed the base
+    model, so a restore() that skipped the student passed); S grows by 1, not 5."""
     return toy_ray_args(hard, out, steps=steps) + ["--threads", "2", "--student-lr", "3e-4", "--inner-steps-inc", "1",
-                                                   "--seed", str(LEARNING_SEED)]
-
-
-LEARNING_SEED = 0
+                                                   "--student-group", "8", "--seed", "1"]
 
 
 def test_kill_and_resume_repeats_a_run_that_learns(toy_misses, tmp_path, monkeypatch):
     """kill -9 after step 0's checkpoint, then --resume: the metrics and the final teacher and student
     equal an unbroken run's. The run learns (step 0 promotes, its datasets' rewards differ, the
-    teacher moves and its KL to the base is non-zero), so a restore() that skips the models, the
-    teacher's AdamW state or its schedule changes what follows, and fails here. The resumed teacher's
-    KL reference is the base model, not the checkpoint's teacher."""
+    teacher moves and its KL to the base is non-zero, the promoted student has moved), so a restore()
+    that skips the teacher, the student or the teacher's AdamW state changes what follows, and fails
+    here (the schedule and the RNGs: test_restore_brings_back_every_part_of_the_checkpoint). The
+    resumed teacher's KL reference is the base model, not the checkpoint's teacher."""
     import signal
     import subprocess
 
@@ -918,6 +918,9 @@ def test_kill_and_resume_repeats_a_run_that_learns(toy_misses, tmp_path, monkeyp
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (cut / "student").exists()  # it really died before the end
+    ck = torch.load(cut / "checkpoint.pt", weights_only=True)  # step 0's: a promoted student that moved
+    base = load_file(os.path.join(HERE, "toy", "model", "model.safetensors"))
+    assert ck["state"]["step"] == 1 and any(not torch.equal(ck["student"][k], base[k]) for k in base)
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"step": 1, "reward_me')  # as if killed mid-write
     (cut / "checkpoint.pt.tmp").write_bytes(b"torn")  # as if killed while checkpointing
@@ -930,13 +933,47 @@ def test_kill_and_resume_repeats_a_run_that_learns(toy_misses, tmp_path, monkeyp
     monkeypatch.setattr(soar, "teacher_step", spy)
     soar.main(["--resume", str(cut)])
     assert open(full / "metrics.jsonl").read() == open(cut / "metrics.jsonl").read()
-    base = load_file(os.path.join(HERE, "toy", "model", "model.safetensors"))
     for name in ("teacher", "student"):
         a, b = (load_file(d / name / "model.safetensors") for d in (full, cut))
         assert all(torch.equal(a[k], b[k]) for k in a), name  # the same models at the end
         assert any(not torch.equal(a[k], base[k]) for k in base), name  # and both moved
     (teacher, ref), = seen  # step 1's update: the teacher of step 0, its reference the base model
     assert all(torch.equal(ref[k], base[k]) for k in base) and any(not torch.equal(teacher[k], base[k]) for k in base)
+
+
+def test_restore_brings_back_every_part_of_the_checkpoint(tmp_path):
+    """save_checkpoint, then restore into fresh objects: two more teacher steps equal the unbroken
+    ones. Cheaper and sharper than a kill: a restore() that skips the scheduler passes a run resumed
+    one step before its end (the optimiser's saved lr covers the next step; the schedule's position
+    shows only in the step after), and one that skips the RNGs passes any run (each step reseeds)."""
+    def parts(seed):
+        torch.manual_seed(seed)
+        teacher, student = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+        opt, sched = train_student.make_optimizer(teacher, 1e-2, total_steps=10, warmup=2)
+        return teacher, student, opt, sched
+
+    def steps(teacher, opt, sched, n):
+        for _ in range(n):
+            teacher(torch.randn(4, 3)).square().sum().backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+
+    cfg = {"out": str(tmp_path)}
+    teacher, student, opt, sched = parts(0)
+    steps(teacher, opt, sched, 3)
+    state = dict(step=3, history=[0.1, 0.2, 0.3], window=[0.3], promotions=1, inner_steps=21,
+                 pq=[{"question": "q", "answer": "1", "step": 1}])
+    soar.save_checkpoint(cfg, teacher, student, opt, sched, state)
+    steps(teacher, opt, sched, 2)  # the unbroken run, from the global RNG state the checkpoint holds
+
+    teacher2, student2, opt2, sched2 = parts(1)
+    state2 = soar.restore(cfg, teacher2, student2, opt2, sched2, dict(step=0))
+    assert state2 == state
+    assert torch.equal(student2.weight, student.weight) and torch.equal(student2.bias, student.bias)
+    steps(teacher2, opt2, sched2, 2)
+    assert torch.equal(teacher2.weight, teacher.weight) and torch.equal(teacher2.bias, teacher.bias)
+    assert sched2.get_last_lr() == sched.get_last_lr()
 
 
 def test_sampler_vllm_without_vllm_is_a_clear_error(tiny, tmp_path):
@@ -1494,7 +1531,7 @@ def test_prompt_files_replace_the_wording_and_travel_with_runs_and_models(tiny, 
     assert generate.student_prompt("1+2", "custom") == "Q: 1+2\nA:"
 
 
-def test_bf16_mode_keeps_fp32_master_weights_and_runs_a_toy_outer_step(toy_loaded, tiny, tmp_path):
+def test_bf16_mode_keeps_fp32_master_weights_and_runs_a_toy_outer_step(toy_loaded, toy_misses, tmp_path):
     model, tok = copy.deepcopy(toy_loaded[0]), toy_loaded[1]
     qs = [task.make_question(4, random.Random(i)) for i in range(2)]
     torch.manual_seed(0)
@@ -1512,11 +1549,11 @@ def test_bf16_mode_keeps_fp32_master_weights_and_runs_a_toy_outer_step(toy_loade
         assert all(p.dtype == torch.float32 for p in m.parameters())  # master weights stay fp32
     assert torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], 0) > 0.98
     assert next(train_student.frozen_copy(model, "bf16").parameters()).dtype == torch.bfloat16
-    # one outer step of the toy preset in bf16 mode
-    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
-    nudged_soar_main(tiny_soar_args(tiny, hard, tmp_path / "run", steps=1) + ["--dtype", "bf16"])
+    # one outer step in bf16 mode, of the run that learns: rewards with signal, a teacher update
+    soar.main(learning_args(toy_misses, tmp_path / "run", steps=1) + ["--dtype", "bf16"])
     row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
-    assert row["step"] == 0 and all(math.isfinite(x) for x in row["rewards"])
+    assert row["step"] == 0 and max(row["rewards"]) > min(row["rewards"]) >= 0
+    assert math.isfinite(row["teacher_pg_loss"]) and row["teacher_grad_norm"] > 0
     assert json.load(open(tmp_path / "run" / "config.json"))["dtype"] == "bf16"
 
 
