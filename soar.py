@@ -42,7 +42,6 @@ import random
 import sys
 import time
 
-import numpy as np
 import torch
 
 from evaluate import diversity, get_verifier, greedy_accuracy, load_problems
@@ -51,7 +50,8 @@ from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style,
 from train_student import RLConfig, frozen_copy, make_optimizer
 from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, init_ray, learnability_rewards,
                            sample_teacher_datasets, teacher_step)
-from tblog import log_row, summary_writer
+from rundir.checkpoint import restore, save_checkpoint
+from rundir.tblog import log_row, summary_writer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -110,7 +110,7 @@ def parse_args(argv=None):
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config")
     ap.add_argument("--seed", type=int, help="seed of everything (default: 0)")
     ap.add_argument("--log", choices=["none", "tensorboard"], help="tensorboard: each metrics row also as TensorBoard "
-                    "curves in the run directory, as it is written (tblog.py; pip install tensorboard==2.21.0) "
+                    "curves in the run directory, as it is written (rundir/tblog.py; pip install tensorboard==2.21.0) "
                     "(default: none; on --resume, the run's)")
     g = ap.add_argument_group("models and data")
     flag(g, "--model", "base model, the teacher's and the student's start: directory, .gguf file or hub name")
@@ -248,33 +248,6 @@ def median_index(values):
     return order[(len(values) - 1) // 2]
 
 
-def _step_of(line):
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return None
-
-
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    """Python, NumPy and torch RNG states as tensors and plain types (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=[kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-                torch=torch.get_rng_state())
-
-
-def set_rng_state(s):
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    kind, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-
-
 def promote(student, tok, best, datasets, hard, state, cfg, t):
     """Step 4: the median student of the best dataset becomes the baseline, its dataset joins PQ,
     S grows; the promoted student with the best greedy accuracy on all of D_train is saved as PS."""
@@ -289,16 +262,6 @@ def promote(student, tok, best, datasets, hard, state, cfg, t):
         state["ps_train_acc"], state["ps_step"] = train_acc, t
         save_model(student, tok, os.path.join(cfg["out"], "ps"), cfg["style"])
     return dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
-
-
-def load_checkpoint(path):
-    """A run directory is data, never code: the checkpoint is read with weights_only=True, so a
-    file holding anything but tensors and plain types is refused before any of it runs."""
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends: say what and where, run nothing
-        sys.exit(f"error: {path} is not a checkpoint this program wrote (it holds objects other than tensors "
-                 f"and plain types, which are never unpickled): {str(e).splitlines()[0]}")
 
 
 def open_run(cfg):
@@ -345,33 +308,6 @@ def open_run(cfg):
     except OSError as e:
         sys.exit(f"error: cannot write the run directory {out}: {e.strerror}")
     return hard, tok, teacher, student, ray, own_ray
-
-
-def save_checkpoint(cfg, teacher, student, t_opt, t_sched, state):
-    atomic_save(dict(teacher=teacher.state_dict(), student=student.state_dict(), teacher_opt=t_opt.state_dict(),
-                     teacher_sched=t_sched.state_dict(), state=state, rng=rng_state()),
-                os.path.join(cfg["out"], "checkpoint.pt"))
-
-
-def restore(cfg, teacher, student, t_opt, t_sched, state):
-    """--resume: the checkpoint's models, optimiser, state and RNGs; log lines written after it (or a
-    torn last line) are cut back, so the resumed run appends exactly what an unbroken run would."""
-    path = os.path.join(cfg["out"], "checkpoint.pt")
-    if os.path.exists(path):
-        ck = load_checkpoint(path)
-        teacher.load_state_dict(ck["teacher"])
-        student.load_state_dict(ck["student"])
-        t_opt.load_state_dict(ck["teacher_opt"])
-        t_sched.load_state_dict(ck["teacher_sched"])
-        state = ck["state"]
-        set_rng_state(ck["rng"])
-        print(f"resumed {cfg['out']} at step {state['step']}")
-    for name in ("metrics.jsonl", "teacher_samples.jsonl"):
-        p = os.path.join(cfg["out"], name)
-        if os.path.exists(p):
-            keep = [line for line in open(p) if _step_of(line) is not None and _step_of(line) < state["step"]]
-            open(p, "w").writelines(keep)
-    return state
 
 
 def step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma, promoted, upd, verifier_timeouts):

@@ -1608,7 +1608,7 @@ def test_tensorboard_scalars_are_the_metrics_row(tiny, tmp_path):
     assert f"`{first['question']}` → `{first['answer']}`" in text
     # a tiny model's row is mostly zeros; the same row with a distinct value everywhere, so no two keys can swap
     from torch.utils.tensorboard import SummaryWriter
-    import tblog
+    from rundir import tblog
 
     nums = iter(range(1, 100))
     row = {k: (next(nums) / 7 if isinstance(v, (int, float)) and k != "step" else v) for k, v in row.items()}
@@ -1698,7 +1698,7 @@ def test_protocol_logs_a_fresh_students_curve_to_tensorboard(tiny, tmp_path):
         assert got[tag] == [(r["step"], pytest.approx(value(r), rel=1e-6)) for r in curve], tag
     # a tiny model's curve is all zeros; a row with a distinct value everywhere, so no two keys can swap
     from torch.utils.tensorboard import SummaryWriter
-    import tblog
+    from rundir import tblog
 
     with SummaryWriter(str(tmp_path / "distinct")) as w:
         tblog.log_row(w, {"step": 5, "train_accuracy": 0.25, "reward": 37.5,

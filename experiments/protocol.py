@@ -44,7 +44,7 @@ from generate import STUDENT_PROMPTS, HelpFormatter, add_sampler_args, load_mode
 from train_student import RLConfig, train
 from train_teacher import sample_teacher_datasets
 from soar import PRESETS
-from tblog import log_row, summary_writer
+from rundir.tblog import log_row, summary_writer
 
 KS = (1, 4, 8, 16, 32)
 

@@ -1,5 +1,5 @@
 """
-tblog.py -- live curves of a run: each metrics row as TensorBoard scalars, as it is written.
+rundir/tblog.py -- live curves of a run: each metrics row as TensorBoard scalars, as it is written.
 
     python soar.py --steps 2 --out runs/quick --log tensorboard    # event files in runs/quick/
     tensorboard --logdir runs/                                     # every run directory is one run
