@@ -3,7 +3,7 @@ evaluate.py -- grading and measurement: answers, rewards, accuracy, pass@k, fail
 
     Verifier / get_verifier               Math-Verify in a child process, time-bounded from any thread
     teacher_pair(completion)              a valid teacher completion's (question, answer), else None
-    grade(completion, reference)          last \\boxed{} answer equivalent to the reference (Math-Verify)
+    grade(completion, reference)          last \\boxed{} answer equal to the reference (Math-Verify; toy: as strings)
     shaped_reward(completion, reference)  the SOAR student reward 120 / 20 / 10 / 0
     greedy_accuracy(...)                  greedy 0/1 accuracy on a question set (the teacher's reward signal)
     pass_at_k(n, c, k)                    the unbiased estimator 1 - C(n-c, k) / C(n, k)
@@ -174,10 +174,19 @@ def teacher_pair(completion, verifier=None):
 
 
 
-def grade(completion, reference, verifier=None):
-    """True iff the last boxed answer of completion is equivalent to reference."""
+def answers_match(reference, answer, style="math", verifier=None):
+    """Whether an answer equals the reference. The toy world's answers are digit strings, compared as
+    strings (Math-Verify reads `80` and `0080` as one number; the toy task tells them apart); every
+    other style asks Math-Verify (after a whitespace-blind string check)."""
+    if style == "toy":
+        return _norm(answer) == _norm(reference)
+    return (verifier or get_verifier()).equal(reference, answer)
+
+
+def grade(completion, reference, verifier=None, style="math"):
+    """True iff the last boxed answer of completion equals reference (answers_match)."""
     ans = last_boxed(completion)
-    return ans is not None and (verifier or get_verifier()).equal(reference, ans)
+    return ans is not None and answers_match(reference, ans, style, verifier)
 
 
 # The shaped student reward of the paper: a correct boxed answer is worth far more than
@@ -185,11 +194,11 @@ def grade(completion, reference, verifier=None):
 REWARD_CORRECT, REWARD_CONTAINS, REWARD_BOXED, REWARD_NONE = 120.0, 20.0, 10.0, 0.0
 
 
-def shaped_reward(completion, reference, verifier=None):
+def shaped_reward(completion, reference, verifier=None, style="math"):
     ans = last_boxed(completion)
     if ans is None:
         return REWARD_NONE
-    if (verifier or get_verifier()).equal(reference, ans):
+    if answers_match(reference, ans, style, verifier):
         return REWARD_CORRECT
     return REWARD_CONTAINS if reference.strip() and reference.strip() in ans else REWARD_BOXED
 
@@ -277,7 +286,7 @@ def greedy_accuracy(model, tok, problems, style="math", max_new_tokens=1024, bat
     """Mean greedy 0/1 accuracy over problems ({problem, answer} dicts or (question, answer) pairs)."""
     pairs = [(p["problem"], p["answer"]) if isinstance(p, dict) else p for p in problems]
     comps = greedy(model, tok, [student_prompt(q, style) for q, _ in pairs], max_new_tokens, batch_size)
-    hits = [grade(c.text, a) for c, (_, a) in zip(comps, pairs)]
+    hits = [grade(c.text, a, style=style) for c, (_, a) in zip(comps, pairs)]
     acc = sum(hits) / max(1, len(hits))
     return (acc, hits, comps) if return_all else acc
 
@@ -291,7 +300,7 @@ def success_counts(model, tok, problems, k, style="math", temperature=1.0, max_n
     for p in tqdm(problems, desc=f"{k} samples/problem", disable=not progress):
         comps = sample(model, tok, [student_prompt(p["problem"], style)], n=k, temperature=temperature,
                        max_new_tokens=max_new_tokens, batch_size=batch_size)
-        c = sum(grade(x.text, p["answer"]) for x in comps)
+        c = sum(grade(x.text, p["answer"], style=style) for x in comps)
         counts.append(c)
         if on_result:
             on_result(p, c, comps)

@@ -79,7 +79,7 @@ PRESETS = {
     ),
 }
 # keys that may differ between a run and its resumption (--log only writes beside the run: turn it on to watch the rest)
-RESUMABLE = {"resume", "out", "steps", "workers", "ray_address", "vllm_memory", "log"}
+RESUMABLE = {"resume", "out", "steps", "workers", "ray_address", "vllm_memory", "log", "teacher_snapshots"}
 
 
 def parse_args(argv=None):
@@ -112,6 +112,9 @@ def parse_args(argv=None):
     ap.add_argument("--log", choices=["none", "tensorboard"], help="tensorboard: each metrics row also as TensorBoard "
                     "curves in the run directory, as it is written (rundir/tblog.py; pip install tensorboard==2.21.0) "
                     "(default: none; on --resume, the run's)")
+    ap.add_argument("--teacher-snapshots", type=int, metavar="EVERY",
+                    help="keep the teacher every EVERY outer steps, in RUN/teachers/stepNNN/ (after NNN updates), "
+                         "for experiments/teacher_value.py (default: 0, none)")
     g = ap.add_argument_group("models and data")
     flag(g, "--model", "base model, the teacher's and the student's start: directory, .gguf file or hub name")
     flag(g, "--style", "prompt wording; must match the model's own (its directory's soar.json, else math)",
@@ -181,19 +184,22 @@ def parse_args(argv=None):
         if diff:
             ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
                      + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
-        for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3, log="none").items():
+        for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3, log="none",
+                         teacher_snapshots=0).items():
             cfg.setdefault(k, v)  # runs saved before these flags existed
         cfg.update(given)
         cfg["out"] = a.resume
         if "teacher_prompt" in cfg:
             add_style(cfg["style"], cfg["teacher_prompt"], cfg["student_prompt"])
-        if cfg["workers"] < 0:
-            ap.error(f"--workers must be >= 0 (got {cfg['workers']})")
+        for k in ("workers", "teacher_snapshots"):
+            if cfg[k] < 0:
+                ap.error(f"--{k.replace('_', '-')} must be >= 0 (got {cfg[k]})")
         if cfg["ray_address"] and not cfg["workers"]:
             ap.error("--ray-address needs --workers N > 0")
         return cfg
     cfg = dict(PRESETS[a.preset or "toy"], preset=a.preset or "toy", seed=0, reward="grounded",
-               no_promotion=False, no_teacher_update=False, resume=None, workers=0, ray_address=None, log="none")
+               no_promotion=False, no_teacher_update=False, resume=None, workers=0, ray_address=None, log="none",
+               teacher_snapshots=0)
     cfg.update(given)
     # a preset's settings belong to its model's prompt style: a model that declares another style (or
     # none: the paper's math prompts) does not silently run with them
@@ -217,7 +223,8 @@ def parse_args(argv=None):
         ap.error(f"prompt file: {e}")
     if cfg["style"] not in BUILTIN_STYLES:
         cfg["teacher_prompt"], cfg["student_prompt"] = teacher_prompt(cfg["style"]), STUDENT_PROMPTS[cfg["style"]]
-    for k, lo in [("workers", 0), ("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1), ("student_group", 2)]:
+    for k, lo in [("workers", 0), ("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1),
+                  ("student_group", 2), ("teacher_snapshots", 0)]:
         if cfg[k] < lo:
             ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
     if cfg["tau"] < 0:
@@ -235,6 +242,12 @@ def parse_args(argv=None):
 def moving_average(xs, window):
     xs = xs[-window:]
     return sum(xs) / len(xs) if xs else 0.0
+
+
+# Where the world can check the teacher's answers (the toy world's solve), a step whose share of right
+# answers falls below this is flagged: the base toy teacher writes 98% right, a drifted one 80% (the
+# five-seed sweep, experiments/README.md).
+TEACHER_ANSWER_FLOOR = 0.9
 
 
 def should_promote(window_rewards, window, tau):
@@ -314,10 +327,12 @@ def step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma,
     """One outer step's line of metrics.jsonl."""
     questions = [q for data in datasets for _, q, _ in data]
     extra = {}
-    if cfg["style"] == "toy":  # the toy world's difficulty knob, per question
-        from toy.task import difficulty
+    if cfg["style"] == "toy":  # the toy world's difficulty knob, per question, and the teacher's answer key
+        from toy.task import difficulty, solve
 
         extra["difficulty"] = [difficulty(q) for q in questions]
+        pairs = [(q, a) for data in datasets for _, q, a in data]
+        extra["teacher_answer_acc"] = sum(bool(solve(q)) and solve(q)[1] == a for q, a in pairs) / len(pairs)
     return dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
                 grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
                 repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
@@ -433,11 +448,17 @@ def main(argv=None):
                                           "pairs": [{"question": q, "answer": a} for _, q, a in data]}) + "\n")
             samples.flush()
             state["step"] = t + 1
+            # a snapshot before the checkpoint: a run killed between the two writes it again on --resume
+            if cfg["teacher_snapshots"] and state["step"] % cfg["teacher_snapshots"] == 0:
+                save_model(teacher, tok, os.path.join(out, "teachers", f"step{state['step']:03d}"), cfg["style"])
             save_checkpoint(cfg, teacher, student, t_opt, t_sched, state)
             if cfg["reward"] == "grounded":
                 tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "
                            f"| reject {st['rejection_rate']:.2f} | base acc {base_acc:.3f} | S {state['inner_steps']} "
                            f"| {time.time() - t0:.0f}s" + (f" | PROMOTED dataset {promoted['dataset']}" if promoted else ""))
+                if row.get("teacher_answer_acc", 1.0) < TEACHER_ANSWER_FLOOR:
+                    tqdm.write(f"warning: only {row['teacher_answer_acc']:.0%} of the teacher's answers are right at step {t} "
+                               f"(floor {TEACHER_ANSWER_FLOOR:.0%}): its students learn from a wrong key")
             else:
                 tqdm.write(f"step {t:3d} | learnability {r_hat:.3f} | reject {st['rejection_rate']:.2f} "
                            f"| {time.time() - t0:.0f}s")

@@ -119,6 +119,44 @@ def test_shaped_reward_cases():
     assert not evaluate.grade(r"\boxed{3}", "7")
 
 
+def test_toy_answers_are_graded_as_digit_strings(tiny_loaded, monkeypatch):
+    """A toy answer is its four digits: `0080` is not `80`, which Math-Verify reads as the same
+    number (6 of the 48 D_train answers and 12 of the 48 D_test answers start with 0). The math
+    style keeps Math-Verify. Each toy-world caller grades this way: the student's reward, greedy
+    accuracy, the success counts behind pass@k and fail@k, and the learnability reward."""
+    g, sr = evaluate.grade, evaluate.shaped_reward
+    assert not g(r"\boxed{80}", "0080", style="toy") and g(r"\boxed{ 0080 }", "0080", style="toy")
+    assert g(r"\boxed{80}", "0080") and g(r"\boxed{80}", "0080", style="math")
+    assert sr(r"\boxed{80}", "0080", style="toy") == 10.0 and sr(r"\boxed{0080}", "0080", style="toy") == 120.0
+    assert sr(r"\boxed{80}", "0080") == 120.0
+    model, tok = tiny_loaded
+    answer = {"q1": r"\boxed{80}", "q2": r"\boxed{0080}"}  # what the student writes to each question
+
+    def fake(model, tok, prompts, n=1, **kw):
+        return [completion(tok, p, answer["q1" if "q1" in p else "q2"]) for p in prompts for _ in range(n)]
+
+    for mod in (evaluate, train_student, train_teacher):
+        monkeypatch.setattr(mod, "sample", fake)
+    monkeypatch.setattr(evaluate, "greedy", lambda model, tok, prompts, *a, **k: fake(model, tok, prompts))
+    pairs = [("q1", "0080"), ("q2", "0080")]
+    for style, right in (("toy", [0, 1]), ("math", [1, 1])):
+        assert evaluate.greedy_accuracy(model, tok, pairs, style) == sum(right) / 2
+        assert evaluate.success_counts(model, tok, [{"problem": q, "answer": a} for q, a in pairs], 4, style,
+                                       progress=False) == [4 * x for x in right]
+        cfg = train_student.RLConfig(style=style, questions=2, group=2, lr=0.0)
+        seen = []
+        train_student.train(copy.deepcopy(model), tok, pairs, 1, cfg, on_step=lambda st, b, c: seen.append(st))
+        assert seen[0]["accuracy"] == sum(right) / 2, style
+    data = [[(None, "q1", "0080"), (None, "q2", "0080")]]
+    # each of 4 samples half 80, half 0080: right 2 of 4 for toy (reward 1/2), 4 of 4 for math (reward 0)
+    def half(model, tok, prompts, n=1, **kw):
+        return [completion(tok, p, r"\boxed{0080}" if i % 2 else r"\boxed{80}") for p in prompts for i in range(n)]
+
+    monkeypatch.setattr(train_teacher, "sample", half)
+    for style, want in (("toy", 0.5), ("math", 0.0)):  # s = 1/2 -> 1/2; s = 1 -> 0
+        assert train_teacher.learnability_rewards(model, tok, data, 4, train_student.RLConfig(style=style)) == [want]
+
+
 def test_verifier_time_bound_off_main_thread():
     v = evaluate.Verifier(timeout=1.0)
     assert v.equal("2", "2") and not v.equal("2", "3")  # warm the child
@@ -510,7 +548,7 @@ def test_inner_students_share_nothing_and_leave_the_baseline_alone(tiny_loaded, 
     model, tok = copy.deepcopy(tiny_loaded[0]), tiny_loaded[1]
     start = {k: v.clone() for k, v in model.state_dict().items()}
     # a reward with signal for a random model (it writes no boxed answer): its characters' codes mod 3
-    monkeypatch.setattr(train_student, "shaped_reward", lambda text, ref: float(sum(map(ord, text)) % 3))
+    monkeypatch.setattr(train_student, "shaped_reward", lambda text, ref, **kw: float(sum(map(ord, text)) % 3))
     fingerprint = lambda s: sum(p.double().sum().item() for p in s.parameters())  # noqa: E731
     monkeypatch.setattr(train_teacher, "greedy_accuracy", lambda s, *a, **k: fingerprint(s))  # R_kj: how far it moved
     cfg = train_student.RLConfig(lr=1e-2, kl_coef=0.01, questions=2, group=2, max_new_tokens=6, style="toy")
@@ -908,6 +946,11 @@ def test_kill_and_resume_repeats_a_run_that_learns(toy_misses, tmp_path, monkeyp
         assert r["reward_mean"] == pytest.approx(sum(r["rewards"]) / 2)
         assert r["rewards"] == pytest.approx([sum(rs) / 2 for rs in r["repeat_rewards"]])
         assert all((x * 8) == pytest.approx(round(x * 8)) for rs in r["repeat_rewards"] for x in rs)  # M = 8 questions
+    samples = [json.loads(line) for line in open(full / "teacher_samples.jsonl")]
+    for r in rows:  # the teacher's answer key, checked by the toy world's solver
+        key = [task.solve(p["question"]) for s in samples if s["step"] == r["step"] for p in s["pairs"]]
+        got = [p["answer"] for s in samples if s["step"] == r["step"] for p in s["pairs"]]
+        assert r["teacher_answer_acc"] == sum(bool(k) and k[1] == a for k, a in zip(key, got)) / len(got) > 0.5
     pq = [json.loads(line) for line in open(full / "pq.jsonl")]
     assert len(pq) == 4 * r1["promotions"] and pq[0]["step"] == 0 and (full / "ps" / "model.safetensors").exists()
 
@@ -974,6 +1017,34 @@ def test_restore_brings_back_every_part_of_the_checkpoint(tmp_path):
     steps(teacher2, opt2, sched2, 2)
     assert torch.equal(teacher2.weight, teacher.weight) and torch.equal(teacher2.bias, teacher.bias)
     assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_teacher_snapshots_and_their_value(toy_misses, tmp_path):
+    """--teacher-snapshots 1 keeps the teacher after each update; experiments.teacher_value scores the
+    run's base teacher (step 0) and each snapshot with one instrument: K fresh copies of the base
+    student, one per dataset drawn from the teacher, each gain its greedy accuracy on D_test minus the
+    base student's; the value is their mean, inside its bootstrap interval. A rerun skips what exists."""
+    from safetensors.torch import load_file
+
+    from experiments import teacher_value as tv
+
+    run = tmp_path / "run"
+    soar.main(learning_args(toy_misses, run, steps=2) + ["--teacher-snapshots", "1"])
+    assert sorted(os.listdir(run / "teachers")) == ["step001", "step002"]
+    a, b = (load_file(p / "model.safetensors") for p in (run / "teachers" / "step002", run / "teacher"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the last snapshot is the final teacher
+    tv.main(["--run", str(run), "--k", "2", "--test", toy_misses])
+    n_test = len(open(toy_misses).read().splitlines())
+    res = [json.load(open(run / "teacher_value" / f"step{t:03d}.json")) for t in (0, 1, 2)]
+    for t, r in enumerate(res):
+        assert r["step"] == t and len(r["gains"]) == 2 and r["value"] == pytest.approx(sum(r["gains"]) / 2)
+        assert r["ci"][0] <= r["value"] <= r["ci"][1] and r["base_acc"] == 0.0  # toy_misses: the base gets none
+        assert all((x * n_test) == pytest.approx(round(x * n_test)) for x in r["gains"]) and 0 <= r["answer_acc"] <= 1
+    assert res[0]["teacher"] == json.load(open(run / "config.json"))["model"]
+    before = (run / "teacher_value" / "step001.json").stat().st_mtime_ns
+    tv.main(["--run", str(run), "--k", "2", "--test", toy_misses])
+    assert (run / "teacher_value" / "step001.json").stat().st_mtime_ns == before
+    assert tv.mean_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
 
 
 def test_sampler_vllm_without_vllm_is_a_clear_error(tiny, tmp_path):
@@ -1587,6 +1658,8 @@ def tb_expected(row):
     ds = [d for d in row["difficulty"] if d is not None]
     if ds:
         want["1_teacher_sampling/mean_difficulty"] = sum(ds) / len(ds)
+    if "teacher_answer_acc" in row:
+        want["1_teacher_sampling/answer_acc"] = row["teacher_answer_acc"]
     return want
 
 
@@ -1652,6 +1725,12 @@ def test_tensorboard_kill_and_resume_logs_each_step_once(tiny, tmp_path):
     step1 = json.loads(open(out / "metrics.jsonl").readlines()[1])
     assert all([s for s, _ in got[tag]][-1] == 1 for tag in tb_expected(step1))
     assert [e.step for e in acc.Tensors("1_teacher_sampling/questions/text_summary")] == [0, 1]
+    # TensorBoard reads event files in name order, and a name starts with the second it was opened: the
+    # worst case, a killed run whose file is named for this second or the next, must still sort first
+    (old,) = [f for f in os.listdir(out) if f.startswith("events.out.tfevents.")]
+    parts = old.split(".")
+    parts[3] = str(int(time.time()) + 1)
+    os.rename(out / old, out / ".".join(parts))
     nudged_soar_main(["--resume", str(out)])  # repeats step 1, then step 2
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -2051,6 +2130,14 @@ def test_vllm_real_engine_seeds_repeat_and_a_push_clears_its_prefix_cache(vllm_e
         torch.manual_seed(0)
         draws.append([x.ids for x in generate.sample(model, tok, prompts, n=4, max_new_tokens=40)])
     assert draws[0] == draws[1]
+    # seeded prompts beyond one engine step's token budget, so that their prefills span steps: with vLLM's
+    # chunked prefill this crashed on CPU ("CPU Generator does not use offset")
+    budget = sampler.engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    rng = random.Random(0)
+    big = [generate.student_prompt(task.make_question(180, rng), "toy") for _ in range(16)]
+    assert sum(len(tok(p)["input_ids"]) for p in big) > budget
+    x, y = (generate.sample(model, tok, big, n=2, max_new_tokens=8, seed=3) for _ in range(2))
+    assert [c.ids for c in x] == [c.ids for c in y]
     # prompts longer than two cache blocks, so that their first blocks are cached, and served again
     block = sampler.engine.llm_engine.vllm_config.cache_config.block_size
     long = [generate.student_prompt(task.make_question(block + 5, random.Random(i)), "toy") for i in range(3)]

@@ -238,7 +238,8 @@ def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False)
             comps = sample(model, tok, [student_prompt(q, cfg.style) for q, _ in batch], n=cfg.group,
                            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                            batch_size=cfg.sample_batch)
-        rewards = torch.tensor([shaped_reward(c.text, batch[i // cfg.group][1]) for i, c in enumerate(comps)])
+        rewards = torch.tensor([shaped_reward(c.text, batch[i // cfg.group][1], style=cfg.style)
+                                for i, c in enumerate(comps)])
         adv = rloo_advantages(rewards.view(len(batch), cfg.group)).flatten()
         eps = [Episode(c.prompt_ids, c.ids, r.item(), a.item()) for c, r, a in zip(comps, rewards, adv)]
         flat = rewards.view(len(batch), cfg.group)

@@ -322,7 +322,7 @@ def learnability_rewards(student, tok, datasets, group, cfg, seed=None):
         for _, q, a in data:
             comps = sample(student, tok, [student_prompt(q, cfg.style)], n=group, temperature=cfg.temperature,
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sample_batch)
-            s = sum(grade(c.text, a) for c in comps) / group
+            s = sum(grade(c.text, a, style=cfg.style) for c in comps) / group
             per_q.append(0.0 if s == 0 else 1.0 - s)
         out.append(sum(per_q) / len(per_q))
     return out

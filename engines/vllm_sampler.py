@@ -29,6 +29,7 @@ tied embedding twice, not named_parameters(), which names it once. On CUDA both 
 one shared parameter, which the LM head reads at each call. Verified here on the CPU build
 (test_soar.py, "vLLM on the real engine"), on CUDA only by this reading of the 0.30.0 source.
 """
+import logging
 import os
 import tempfile
 import weakref
@@ -62,6 +63,12 @@ def build_engine(path, dtype="fp32", gpu_memory_utilization=0.3):
         # chat-template warmup at start: harmless, nothing here renders chats).
         # generation_config="vllm": no sampling defaults from the model's files; every call says its own.
         # enforce_eager on CPU: no inductor compile at start (minutes, and a C compiler); CUDA keeps its graphs.
+        # No chunked prefill on CPU: when a prompt's prefill is split over two engine steps, vLLM rewinds that
+        # request's seeded generator (GPUModelRunner._bookkeeping_sync, gen.set_offset), which a CPU generator
+        # cannot do ("CPU Generator does not use offset"): any seeded call whose prompts exceed one step's
+        # token budget (4096) crashed. Whole prompts per step instead, as vLLM's CPU platform does for MLA.
+        if on_cpu:
+            kw.update(enable_chunked_prefill=False)
         return LLM(model=path, dtype=DTYPES[dtype], gpu_memory_utilization=gpu_memory_utilization, seed=0,
                    enable_prefix_caching=True, generation_config="vllm", skip_tokenizer_init=True,
                    enforce_eager=on_cpu, **kw)
@@ -113,10 +120,17 @@ class VLLMSampler:
         if ref is not None and ref() is model and held == version:
             return False
         # state_dict, not named_parameters: a tied LM head must arrive under its own name too (module
-        # docstring). vLLM logs "RotaryEmbedding: Failed to load weights": it has none; its cache stays.
-        self.engine.collective_rpc("reload_weights", kwargs=dict(
-            weights_iterator=iter(model.state_dict().items()), is_checkpoint_format=True))
-        self.engine.reset_prefix_cache()
+        # docstring). vLLM's own log is silenced for the push: three lines each time, hundreds per outer
+        # step, one a warning "RotaryEmbedding: Failed to load weights" (it has none; its cache is put back).
+        log = logging.getLogger("vllm")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            self.engine.collective_rpc("reload_weights", kwargs=dict(
+                weights_iterator=iter(model.state_dict().items()), is_checkpoint_format=True))
+            self.engine.reset_prefix_cache()
+        finally:
+            log.setLevel(level)
         self.holds, self.pushes = (weakref.ref(model), version), self.pushes + 1
         return True
 

@@ -279,8 +279,14 @@ def same_as_old():
 
 
 def cpu_model():
+    """The CPU's model name and the vector units that decide its speed (a model name such as "Intel(R)
+    Xeon(R) Processor" alone does not say which)."""
     with open("/proc/cpuinfo") as f:
-        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
+        lines = f.read().splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+    units = [u for u in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if u in flags]
+    return f"{name} ({', '.join(units) or 'no AVX2'})"
 
 
 def smollm2_gguf():

@@ -47,10 +47,11 @@ def shaped_reward(completions, answer, **kwargs):
     """TRL reward function: evaluate.shaped_reward of each completion against its reference answer.
 
     TRL calls it with the decoded completions (plain strings for plain-string prompts) and every
-    extra dataset column as a keyword list, here `answer`, one entry per completion."""
+    extra dataset column as a keyword list, here `answer`, one entry per completion. Toy answers:
+    graded as digit strings, as this project's trainer grades them."""
     from evaluate import shaped_reward as reward
 
-    return [reward(c, a) for c, a in zip(completions, answer)]
+    return [reward(c, a, style="toy") for c, a in zip(completions, answer)]
 
 
 def workload(steps, seed):

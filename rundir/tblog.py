@@ -11,8 +11,10 @@ experiments/protocol.py logs each fresh student's curve.jsonl row under fresh_st
 tensorboard is an optional extra (pip install tensorboard==2.21.0), imported only by summary_writer();
 nothing of the project is imported here.
 """
+import os
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -21,6 +23,7 @@ import numpy as np
 SCALARS = {
     "1_teacher_sampling/rejection_rate": "rejection_rate", "1_teacher_sampling/drawn": "teacher_drawn",
     "1_teacher_sampling/question_diversity": "question_diversity",
+    "1_teacher_sampling/answer_acc": "teacher_answer_acc",
     "2_reward/R_hat": "reward_mean", "2_reward/MA": "reward_ma", "2_reward/baseline_acc": "baseline_acc",
     "3_inner_loop/S": "inner_steps", "3_inner_loop/zero_signal_groups": "inner_zero_signal_groups",
     "3_inner_loop/skipped_updates": "inner_skipped_updates", "3_inner_loop/verifier_timeouts": "verifier_timeouts",
@@ -33,12 +36,24 @@ SCALARS = {
 
 
 def summary_writer():
-    """torch's SummaryWriter class; without tensorboard installed, a one-line exit saying how to get it."""
+    """open(log_dir, purge_step=0): a torch SummaryWriter for log_dir (without tensorboard installed, a
+    one-line exit here saying how to get it). TensorBoard reads a directory's event files in the order
+    of their names, which begin with the second the file was opened: a writer opened in the same second
+    as an earlier run's (a run killed and resumed at once) could sort first, and its purge would then
+    drop its own points. So open waits, if need be, for the next second."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         sys.exit("error: --log tensorboard needs tensorboard: pip install tensorboard==2.21.0")
-    return SummaryWriter
+
+    def open_writer(log_dir, purge_step=0):
+        names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+        opened = [int(f.split(".")[3]) for f in names if f.startswith("events.out.tfevents.") and f.split(".")[3].isdigit()]
+        while opened and time.time() < max(opened) + 1:
+            time.sleep(0.05)
+        return SummaryWriter(log_dir, purge_step=purge_step)
+
+    return open_writer
 
 
 def scalars(row):

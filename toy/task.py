@@ -10,7 +10,8 @@ The answer holds the last four running results, so a guess is right with probabi
 one), while its length stays fixed: difficulty grows with the length of the working,
 step by step, not with how many digits must be copied into the box (an all-results
 answer made the student fall off a cliff at the first length it had rarely seen).
-Math-Verify parses the answer as one integer.
+It is graded as a string of digits (evaluate.answers_match): Math-Verify would read it as
+one integer, and count `80` right for `0080`.
 """
 import random
 

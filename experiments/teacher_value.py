@@ -1,0 +1,119 @@
+"""
+python -m experiments.teacher_value -- what a teacher's questions are worth to a student, measured
+with one fixed instrument, so that teachers (and one teacher's snapshots along a run) can be compared.
+
+    python -m experiments.teacher_value --teacher toy/model --out runs/teacher_value/base-t      # Base-T
+    python soar.py --teacher-snapshots 5 --out runs/x            # a run that keeps its teacher every 5 steps
+    python -m experiments.teacher_value --run runs/x             # step 0 (its base teacher) and every snapshot
+
+The instrument: from the teacher, K datasets of n valid questions (the run's sampling, seeded by
+--seed alone, so two teachers are read with the same draws); for each dataset, a fresh copy of the
+*base* student trained for S RLOO steps on it (soar.py's inner loop, train_teacher.grounded_rewards,
+r = 1); the dataset's value is that student's greedy accuracy on D_test minus the base student's.
+The teacher's value is the mean over the K datasets, with a 95% percentile-bootstrap interval over
+them. It measures a teacher, not a run: the student is always the base one, never a promoted one,
+and nothing here changes the teacher. D_test is what it is scored on, so no setting is ever chosen
+by it (choose them on probes that score D_train).
+
+Defaults are the toy preset's inner loop (S = 20, n = 16, lr 3e-4, 8 questions x 8 samples per step),
+or the measured run's (--run). Each teacher's result goes to OUT/step{NNN}.json (with --teacher:
+OUT/result.json); one that exists is skipped, so a stopped measurement continues.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import statistics
+
+import torch
+
+from evaluate import greedy_accuracy, load_data
+from generate import HelpFormatter, load_model, load_tokenizer, model_style
+from soar import PRESETS
+from train_student import RLConfig
+from train_teacher import grounded_rewards, init_ray, sample_teacher_datasets
+
+
+def mean_ci(xs, reps=10_000, seed=0):
+    """(mean, low, high): the 95% percentile-bootstrap interval of the mean of xs."""
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(reps))
+    return statistics.fmean(xs), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def teacher_value(teacher_path, cfg, test, k, seed=0, workers=0):
+    """One teacher's value (see the module docstring) as a dict; cfg: a soar.py config."""
+    torch.manual_seed(seed)
+    tok, teacher = load_tokenizer(cfg["model"]), load_model(teacher_path)
+    style = cfg["style"]
+    datasets, st = sample_teacher_datasets(teacher, tok, k, cfg["n"], style, cfg["temperature"], cfg["top_p"],
+                                           cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"])
+    del teacher
+    student = load_model(cfg["model"])
+    base_acc = greedy_accuracy(student, tok, test, style, cfg["student_max_new_tokens"])
+    scfg = RLConfig(lr=cfg["student_lr"], kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
+                    group=cfg["student_group"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                    max_new_tokens=cfg["student_max_new_tokens"], micro_batch=cfg["micro_batch"],
+                    sample_batch=cfg["sample_batch"], style=style, dtype=cfg["dtype"])
+    results, _ = grounded_rewards(student, tok, datasets, test, base_acc, 1, cfg["inner_steps"], scfg, seed=seed,
+                                  progress=True, workers=workers, threads=cfg["threads"])
+    gains = [res.reward for res in results]
+    mean, low, high = mean_ci(gains, seed=seed)
+    extra = {}
+    if style == "toy":  # the answer key, checked by the toy world's solver
+        from toy.task import solve
+
+        pairs = [(q, a) for data in datasets for _, q, a in data]
+        extra["answer_acc"] = sum(bool(solve(q)) and solve(q)[1] == a for q, a in pairs) / len(pairs)
+    return dict(teacher=teacher_path, value=mean, ci=[low, high], gains=gains, base_acc=base_acc, k=k,
+                seed=seed, rejection_rate=st["rejection_rate"], **extra)
+
+
+def snapshots(run):
+    """[(step, teacher path)] of a soar.py run: step 0 its base model, then each teachers/stepNNN/."""
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    found = [(int(os.path.basename(p)[4:]), p) for p in sorted(glob.glob(os.path.join(run, "teachers", "step*")))]
+    return cfg, [(0, cfg["model"])] + found
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.teacher_value", description=__doc__,
+                                 formatter_class=HelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="one teacher model (directory); the inner loop is the toy preset's")
+    src.add_argument("--run", help="a soar.py run directory: its base teacher and every teachers/stepNNN/ "
+                                   "snapshot, with the run's own inner loop")
+    ap.add_argument("--k", type=int, default=16, help="datasets (and fresh students) per teacher")
+    ap.add_argument("--test", help="D_test (default: the run's hard_test, else the toy preset's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draws and of the students")
+    ap.add_argument("--workers", type=int, default=0, help="train the K students as Ray tasks, N at a time")
+    ap.add_argument("--out", help="result directory (default: RUN/teacher_value, or runs/teacher_value/NAME)")
+    a = ap.parse_args(argv)
+    if a.run:
+        cfg, todo = snapshots(a.run)
+        out = a.out or os.path.join(a.run, "teacher_value")
+        todo = [(t, p, os.path.join(out, f"step{t:03d}.json")) for t, p in todo]
+    else:
+        cfg = dict(PRESETS["toy"], style=model_style(a.teacher) or "toy")
+        out = a.out or os.path.join("runs", "teacher_value", os.path.basename(os.path.normpath(a.teacher)))
+        todo = [(None, a.teacher, os.path.join(out, "result.json"))]
+    test = load_data(a.test or cfg["hard_test"] or PRESETS["toy"]["hard_test"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if a.workers:
+        init_ray(a.workers)
+    os.makedirs(out, exist_ok=True)
+    for step, path, dest in todo:
+        if os.path.exists(dest):
+            continue
+        res = dict(teacher_value(path, cfg, test, a.k, a.seed, a.workers), step=step)
+        with open(dest + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(dest + ".tmp", dest)
+        print(json.dumps({k: v for k, v in res.items() if k != "gains"}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
