@@ -1477,7 +1477,8 @@ def documented_commands():
 
     out = []
     files = ["README.md", "toy/README.md"] + sorted(glob.glob(os.path.join(HERE, "*.py"))) + \
-        sorted(glob.glob(os.path.join(HERE, "experiments", "*.py"))) + [os.path.join(HERE, "toy", "build.py")]
+        sorted(glob.glob(os.path.join(HERE, "experiments", "*.py"))) + sorted(glob.glob(os.path.join(HERE, "rundir", "*.py"))) + \
+        [os.path.join(HERE, "toy", "build.py")]
     for f in files:
         text = open(os.path.join(HERE, f)).read()
         if f.endswith(".py"):
