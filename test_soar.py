@@ -1045,6 +1045,11 @@ def test_teacher_snapshots_and_their_value(toy_misses, tmp_path):
     tv.main(["--run", str(run), "--k", "2", "--test", toy_misses])
     assert (run / "teacher_value" / "step001.json").stat().st_mtime_ns == before
     assert tv.mean_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib"):  # the figure: teacher value against outer step (CI has it)
+        tv.main(["--plot", str(run / "teacher_value"), "--out", str(tmp_path / "tv.png")])
+        assert (tmp_path / "tv.png").stat().st_size > 5000
 
 
 def test_sampler_vllm_without_vllm_is_a_clear_error(tiny, tmp_path):

@@ -8,7 +8,8 @@ experiments/plots.py -- the figures of experiments/report.py, drawn from numbers
                                   SOAR run's final student's
     teacher_diversity.png         question diversity, mean L and (toy world) the share of right answers per step
     passk.png                     pass@k per method, mean over seeds
-run_plots() draws one run's figures (python -m experiments.report --run RUN_DIR) from its metrics rows alone.
+run_plots() draws one run's figures (python -m experiments.report --run RUN_DIR) from its metrics rows alone;
+teacher_value_plot() the teacher's value against outer step (python -m experiments.teacher_value --plot).
 
 Nothing of the project is imported; matplotlib only inside plots(), so the tables need none.
 """
@@ -31,6 +32,28 @@ def difficulty_shares(rows, top=10):
         ds = [min(d, top) for d in r.get("difficulty", []) if d is not None]
         out.append([ds.count(L) / max(1, len(ds)) for L in range(1, top + 1)])
     return out
+
+
+def teacher_value_plot(curves, path):
+    """curves: {label: [(step, value, low, high)]}, values as fractions of D_test: one line per run with
+    its 95% intervals, the teacher's value against outer step (step 0: its base teacher)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for i, (label, pts) in enumerate(sorted(curves.items())):
+        pts = sorted(pts)
+        xs = [p[0] + 0.15 * (i - (len(curves) - 1) / 2) for p in pts]  # side by side where steps coincide
+        ys = [100 * p[1] for p in pts]
+        err = [[100 * (p[1] - p[2]) for p in pts], [100 * (p[3] - p[1]) for p in pts]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o-", ms=4, capsize=3, label=label)
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set(xlabel="outer step (0: the base teacher)", ylabel="teacher value: D_test gain, %")
+    ax.set_title("a teacher's datasets, each training a fresh base student (95% intervals)", fontsize=9)
+    ax.legend(fontsize=7)
+    return save(fig, os.path.dirname(path) or ".", os.path.basename(path))
 
 
 def save(fig, out_dir, name):

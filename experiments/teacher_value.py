@@ -5,6 +5,7 @@ with one fixed instrument, so that teachers (and one teacher's snapshots along a
     python -m experiments.teacher_value --teacher toy/model --out runs/teacher_value/base-t      # Base-T
     python soar.py --teacher-snapshots 5 --out runs/x            # a run that keeps its teacher every 5 steps
     python -m experiments.teacher_value --run runs/x             # step 0 (its base teacher) and every snapshot
+    python -m experiments.teacher_value --plot runs/x/teacher_value runs/y/teacher_value --out runs/tv.png
 
 The instrument: from the teacher, K datasets of n valid questions (the run's sampling, seeded by
 --seed alone, so two teachers are read with the same draws); for each dataset, a fresh copy of the
@@ -85,12 +86,27 @@ def main(argv=None):
     src.add_argument("--teacher", help="one teacher model (directory); the inner loop is the toy preset's")
     src.add_argument("--run", help="a soar.py run directory: its base teacher and every teachers/stepNNN/ "
                                    "snapshot, with the run's own inner loop")
+    src.add_argument("--plot", nargs="+", metavar="DIR", help="draw the value per step of each DIR of results "
+                                                              "(RUN/teacher_value) into --out (a .png)")
     ap.add_argument("--k", type=int, default=16, help="datasets (and fresh students) per teacher")
     ap.add_argument("--test", help="D_test (default: the run's hard_test, else the toy preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draws and of the students")
     ap.add_argument("--workers", type=int, default=0, help="train the K students as Ray tasks, N at a time")
-    ap.add_argument("--out", help="result directory (default: RUN/teacher_value, or runs/teacher_value/NAME)")
+    ap.add_argument("--out", help="result directory (default: RUN/teacher_value, or runs/teacher_value/NAME); "
+                                  "with --plot, the figure's path (default: runs/teacher_value.png)")
     a = ap.parse_args(argv)
+    if a.plot:
+        from experiments.plots import teacher_value_plot
+
+        curves = {}
+        for d in a.plot:
+            rows = [json.load(open(f)) for f in sorted(glob.glob(os.path.join(d, "step*.json")))]
+            if not rows:
+                ap.error(f"--plot {d}: no stepNNN.json there")
+            run = os.path.dirname(os.path.normpath(d))  # RUN/teacher_value: labelled by its run
+            curves[os.path.basename(run) or d] = [(r["step"], r["value"], *r["ci"]) for r in rows]
+        print(teacher_value_plot(curves, a.out or os.path.join("runs", "teacher_value.png")))
+        return
     if a.run:
         cfg, todo = snapshots(a.run)
         out = a.out or os.path.join(a.run, "teacher_value")
