@@ -1052,6 +1052,18 @@ def test_teacher_snapshots_and_their_value(toy_misses, tmp_path):
         assert (tmp_path / "tv.png").stat().st_size > 5000
 
 
+def test_a_teacher_answer_key_below_the_floor_is_flagged(tiny, tmp_path, monkeypatch, capsys):
+    """The toy world's rows carry the share of the teacher's answers its solver confirms, and a step
+    below TEACHER_ANSWER_FLOOR prints a warning (here the floor is moved, not the teacher)."""
+    hard = toy_file(tmp_path / "hard.jsonl", 6, 4)
+    for floor, warned in ((0.0, False), (1.01, True)):
+        monkeypatch.setattr(soar, "TEACHER_ANSWER_FLOOR", floor)
+        nudged_soar_main(tiny_soar_args(tiny, hard, tmp_path / f"run{floor}", steps=1))
+        row = json.loads(open(tmp_path / f"run{floor}" / "metrics.jsonl").readline())
+        assert 0 < row["teacher_answer_acc"] <= 1
+        assert ("of the teacher's answers are right at step 0" in capsys.readouterr().out) == warned
+
+
 def test_sampler_vllm_without_vllm_is_a_clear_error(tiny, tmp_path):
     import importlib.util
 
