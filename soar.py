@@ -328,11 +328,10 @@ def step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma,
     questions = [q for data in datasets for _, q, _ in data]
     extra = {}
     if cfg["style"] == "toy":  # the toy world's difficulty knob, per question, and the teacher's answer key
-        from toy.task import difficulty, solve
+        from toy.task import answer_key_accuracy, difficulty
 
         extra["difficulty"] = [difficulty(q) for q in questions]
-        pairs = [(q, a) for data in datasets for _, q, a in data]
-        extra["teacher_answer_acc"] = sum(bool(solve(q)) and solve(q)[1] == a for q, a in pairs) / len(pairs)
+        extra["teacher_answer_acc"] = answer_key_accuracy([(q, a) for data in datasets for _, q, a in data])
     return dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
                 grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
                 repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,

@@ -63,10 +63,9 @@ def teacher_value(teacher_path, cfg, test, k, seed=0, workers=0):
     mean, low, high = mean_ci(gains, seed=seed)
     extra = {}
     if style == "toy":  # the answer key, checked by the toy world's solver
-        from toy.task import solve
+        from toy.task import answer_key_accuracy
 
-        pairs = [(q, a) for data in datasets for _, q, a in data]
-        extra["answer_acc"] = sum(bool(solve(q)) and solve(q)[1] == a for q, a in pairs) / len(pairs)
+        extra["answer_acc"] = answer_key_accuracy([(q, a) for data in datasets for _, q, a in data])
     return dict(teacher=teacher_path, value=mean, ci=[low, high], gains=gains, base_acc=base_acc, k=k,
                 seed=seed, rejection_rate=st["rejection_rate"], **extra)
 

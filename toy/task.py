@@ -43,6 +43,11 @@ def solve(question):
     return steps, "".join(s[-1] for s in (steps[-ANSWER_DIGITS:] if ANSWER_DIGITS else steps))
 
 
+def answer_key_accuracy(pairs):
+    """The share of (question, answer) pairs whose answer is the solver's (a non-chain counts as wrong)."""
+    return sum(bool(solve(q)) and solve(q)[1] == a for q, a in pairs) / len(pairs)
+
+
 def difficulty(question):
     """Number of operations, or None if the text is not a chain."""
     return (len(question.strip()) - 1) // 2 if solve(question) else None
