@@ -36,7 +36,7 @@ import threading
 import torch
 
 from generate import (HelpFormatter, add_prompt_args, add_sampler_args, greedy, last_boxed, load_model, load_tokenizer,
-                      parse_teacher, resolve_style, sample, student_prompt, use_sampler)
+                      parse_teacher, resolve_style, sample, sample_students, student_prompt, use_sampler)
 
 # -----------------------------------------------------------------------------
 # Math-Verify, time-bounded. Its own timeout uses SIGALRM, which only works on the
@@ -289,6 +289,15 @@ def greedy_accuracy(model, tok, problems, style="math", max_new_tokens=1024, bat
     hits = [grade(c.text, a, style=style) for c, (_, a) in zip(comps, pairs)]
     acc = sum(hits) / max(1, len(hits))
     return (acc, hits, comps) if return_all else acc
+
+
+def greedy_accuracies(model, tok, adapters, problems, style="math", max_new_tokens=1024, batch_size=64):
+    """greedy_accuracy of each LoRA student (engines/lora.py) of model's baseline, in one sampler call."""
+    pairs = [(p["problem"], p["answer"]) if isinstance(p, dict) else p for p in problems]
+    prompts = [student_prompt(q, style) for q, _ in pairs]
+    outs = sample_students(model, tok, [(ad, prompts, 0) for ad in adapters], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, greedy=True)
+    return [sum(grade(c.text, a, style=style) for c, (_, a) in zip(comps, pairs)) / max(1, len(pairs)) for comps in outs]
 
 
 def success_counts(model, tok, problems, k, style="math", temperature=1.0, max_new_tokens=1024, batch_size=64,

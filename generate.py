@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engines import lean
+from engines import lean, lora
 
 # -----------------------------------------------------------------------------
 # Prompts. The formats are the SOAR paper's (its appendix prompts): the teacher's
@@ -355,6 +355,32 @@ def greedy(model, tok, prompts, max_new_tokens=512, batch_size=64):
     return sample(model, tok, prompts, n=1, max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=True)
 
 
+def sample_students(model, tok, jobs, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512, batch_size=64,
+                    greedy=False):
+    """Several LoRA students of model's baseline (engines/lora.py) at once. jobs: [(adapter, prompts,
+    seed)]; returns one list of Completions per job, what `sample` gives for that student alone with
+    that seed. --sampler vllm: one engine call, one LoRARequest per student. hf: one `sample` per
+    student in turn (a batched forward over the shared base with per-row adapters would save no
+    arithmetic on CPU, where a batch's cost grows with its rows: experiments/README.md, "LoRA students")."""
+    if _SAMPLER is not None:
+        pids = [[tok(p)["input_ids"] for p in prompts] for _, prompts, _ in jobs]  # as in `sample`
+        done = iter(_SAMPLER(model, None, stop_ids(model, tok), tok.eos_token_id, n=n, temperature=temperature,
+                             top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy,
+                             jobs=[(ad, x, s) for (ad, _, s), x in zip(jobs, pids)]))
+        return [[Completion(p, tok.decode(ids, skip_special_tokens=True), x, ids, finished)
+                 for p, x in zip(prompts, ps) for ids, finished in (next(done) for _ in range(n))]
+                for (_, prompts, _), ps in zip(jobs, pids)]
+    was, out = lora.current(model), []
+    try:
+        for adapter, prompts, s in jobs:
+            lora.use(model, adapter)
+            out.append(sample(model, tok, prompts, n=n, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=greedy, seed=s))
+    finally:
+        lora.use(model, was)
+    return out
+
+
 # -----------------------------------------------------------------------------
 # The sampler backend. Every stage samples through `sample` (above); which engine draws the
 # tokens is one choice per process, made by the --sampler flag of each command that samples:
@@ -376,9 +402,10 @@ def add_sampler_args(ap):
                         "the HF models being trained share the rest")
 
 
-def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None, dtype="fp32"):
+def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None, dtype="fp32", lora_rank=0, max_loras=0):
     """Make `name` the sampler of this process (for vllm: build its one engine from model_path,
-    its weights in `dtype`, the trainer's --dtype: fp32 or bf16)."""
+    its weights in `dtype`, the trainer's --dtype: fp32 or bf16; with lora_rank, a multi-LoRA
+    engine serving up to max_loras adapters of that rank in one call)."""
     global _SAMPLER, _SPEC
     if name == "hf":
         _SAMPLER = None
@@ -386,10 +413,12 @@ def use_sampler(name, model_path=None, vllm_memory=0.3, engine=None, dtype="fp32
         if _SAMPLER is None:
             from engines.vllm_sampler import VLLMSampler
 
-            _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, dtype=dtype, engine=engine)
+            _SAMPLER = VLLMSampler(model_path, gpu_memory_utilization=vllm_memory, dtype=dtype, engine=engine,
+                                   lora_rank=lora_rank, max_loras=max(1, max_loras))
     else:
         raise ValueError(f"unknown sampler {name!r} (known: hf, vllm)")
-    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory, dtype=dtype)  # only once it is in use
+    _SPEC = dict(name=name, model_path=model_path, vllm_memory=vllm_memory, dtype=dtype,  # only once it is in use
+                 lora_rank=lora_rank, max_loras=max_loras)
 
 
 def sampler_spec():

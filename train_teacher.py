@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from evaluate import get_verifier, grade, greedy_accuracy, load_problems, teacher_pair
+from engines import lora
+from evaluate import get_verifier, grade, greedy_accuracies, greedy_accuracy, load_problems, teacher_pair
 from generate import (STUDENT_PROMPTS, HelpFormatter, add_prompt_args, add_sampler_args, add_style, load_model,
-                      load_tokenizer, precision, resolve_style, sample, sampler_spec, save_model, student_prompt,
-                      teacher_prompt, use_sampler)
-from train_student import (Episode, RLConfig, frozen_copy, make_optimizer, policy_gradient_step, rloo_advantages,
-                           train)
+                      load_tokenizer, precision, resolve_style, sample, sample_students, sampler_spec, save_model,
+                      student_prompt, teacher_prompt, use_sampler)
+from train_student import (Episode, RLConfig, draw_batch, frozen_copy, learn, make_optimizer, next_seed,
+                           policy_gradient_step, rloo_advantages, start_run, train)
 
 
 # -----------------------------------------------------------------------------
@@ -136,16 +137,36 @@ def _threads(n):
         torch.set_num_threads(old)
 
 
-def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads):
+def _student_seeds(seed, k, j):
+    """Student (k, j)'s random streams, from (seed, k, j) alone: its question order, and a torch
+    generator (a LoRA student's initial A, then one sampling seed per RLOO step)."""
+    return random.Random(seed * 7919 + k * 31 + j), torch.Generator().manual_seed(seed * 100_003 + k * 1009 + j)
+
+
+def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads,
+                         lora_rank=0):
     """Student (k, j): a copy of the baseline, seeded from (seed, k, j) only, trained on pairs and
     measured on reward_qs. Returns (accuracy, health counts, trained state dict on CPU). The one
-    code path for both the sequential loop and the Ray tasks."""
+    code path for both the sequential loop and the Ray tasks. lora_rank > 0: the student is an
+    adapter on the baseline itself (attached by the caller; engines/lora.py), and its state the adapter's."""
     health = {"zero_signal_groups": 0, "skipped": 0}
 
     def count(stats, *_):
         health["zero_signal_groups"] += stats["zero_signal_groups"]
         health["skipped"] += stats["skipped"]
 
+    if lora_rank:
+        with _threads(threads):
+            rng, gen = _student_seeds(seed, k, j)
+            ad = lora.Adapter(student, lora_rank, generator=gen)
+            lora.use(student, ad)
+            try:
+                train(student, tok, pairs, steps, cfg, rng=rng, on_step=count, seeds=gen)
+                with precision(cfg.dtype, next(student.parameters()).device):
+                    acc = greedy_accuracy(student, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+            finally:
+                lora.use(student, None)
+        return acc, health, ad.state()
     with _threads(threads):
         s = copy.deepcopy(student)
         torch.manual_seed(seed * 100_003 + k * 1009 + j)
@@ -162,7 +183,8 @@ def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
     return acc, health, state
 
 
-def _inner_student_task(base, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads, proc):
+def _inner_student_task(base, pairs, reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads, proc,
+                        lora_rank=0):
     """The Ray task for student (k, j): base is the object-store copy of the baseline (model on
     CPU and tokenizer, one put per outer step); proc the driver's sampler and prompt texts, set
     up the same way in this worker process. Returns what the sequential loop computes, plus
@@ -173,9 +195,11 @@ def _inner_student_task(base, pairs, reward_qs, steps, cfg, seed, k, j, eval_max
     model, tok = base["model"], base["tok"]
     if torch.cuda.is_available():  # the task was given one GPU (num_gpus=1); Ray sets CUDA_VISIBLE_DEVICES
         model = model.to("cuda")
+    if lora_rank:  # this task's own copy of the baseline carries the adapter
+        lora.attach(model)
     t0 = get_verifier().timeouts
     acc, health, state = _train_inner_student(model, tok, pairs, reward_qs, steps, cfg, seed, k, j,
-                                              eval_max_new_tokens, threads)
+                                              eval_max_new_tokens, threads, lora_rank)
     return dict(acc=acc, health=health, state=state, timeouts=get_verifier().timeouts - t0)
 
 
@@ -212,42 +236,116 @@ def _keep_best(best, res, states):
 
 
 def grounded_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed=0,
-                     eval_max_new_tokens=None, progress=False, workers=0, threads=0):
+                     eval_max_new_tokens=None, progress=False, workers=0, threads=0, lora_rank=0, lockstep=True):
     """R_k for every dataset; returns (results, best) where best holds the r trained students
-    of the argmax dataset (state dicts on CPU), so promotion needs no retraining.
+    of the argmax dataset (state dicts, or adapter states, on CPU), so promotion needs no retraining.
 
     workers 0 trains the g*r students one after the other here; workers N > 0 runs them as Ray
     tasks (init_ray first), at most N in flight, with the same seeds and the same numbers. Every
     student runs on `threads` torch threads (0: this process's count), wherever it runs.
+    lora_rank > 0: the students are LoRA adapters on the baseline (engines/lora.py), here trained
+    in lockstep (train_lockstep; lockstep=False: one after the other, the same numbers).
     Memory: at most 2r student copies are held here (the best dataset's r and the current
     dataset's r), plus, with workers, the results of the tasks in flight (at most N)."""
     if workers > 0:
         return _grounded_rewards_ray(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed,
-                                     eval_max_new_tokens, progress, workers, threads or torch.get_num_threads())
+                                     eval_max_new_tokens, progress, workers, threads or torch.get_num_threads(),
+                                     lora_rank)
+    if lora_rank and lockstep:
+        return _lockstep_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed,
+                                 eval_max_new_tokens, threads, lora_rank)
     from tqdm import tqdm
 
     results, best = [], None
     jobs = tqdm(total=len(datasets) * repeats, desc="inner students", disable=not progress, leave=False)
-    for k, data in enumerate(datasets):
-        pairs = [(q, a) for _, q, a in data]
-        rs, states, health = [], [], {"zero_signal_groups": 0, "skipped": 0}
-        for j in range(repeats):
-            acc, h, state = _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
-                                                 eval_max_new_tokens, threads)
-            rs.append(acc - base_acc)
-            states.append(state)
-            for key in health:
-                health[key] += h[key]
-            jobs.update()
-        res = DatasetResult(k, sum(rs) / len(rs), rs, health["zero_signal_groups"], health["skipped"])
-        best = _keep_best(best, res, states)
-        results.append(res)
+    with _attached(student, lora_rank):
+        for k, data in enumerate(datasets):
+            pairs = [(q, a) for _, q, a in data]
+            rs, states, health = [], [], {"zero_signal_groups": 0, "skipped": 0}
+            for j in range(repeats):
+                acc, h, state = _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
+                                                     eval_max_new_tokens, threads, lora_rank)
+                rs.append(acc - base_acc)
+                states.append(state)
+                for key in health:
+                    health[key] += h[key]
+                jobs.update()
+            res = DatasetResult(k, sum(rs) / len(rs), rs, health["zero_signal_groups"], health["skipped"])
+            best = _keep_best(best, res, states)
+            results.append(res)
     jobs.close()
     return results, best
 
 
+@contextlib.contextmanager
+def _attached(student, lora_rank):
+    """The baseline wrapped for LoRA students inside (engines/lora.py), plain again after."""
+    if lora_rank:
+        lora.attach(student)
+    try:
+        yield student
+    finally:
+        if lora_rank:
+            lora.detach(student)
+
+
+def train_lockstep(model, tok, students, steps, cfg):
+    """SOAR step 3 for LoRA students: the students, each (adapter, pairs, rng, seed generator) on
+    model's baseline, advance together one RLOO step at a time, so that each step draws all of their
+    batches in one sampler call (on vLLM one generate, a LoRARequest per student). Each student
+    draws from its own streams only, so its result does not depend on who shares the loop: trained
+    alone (train(..., seeds=gen)) it is the same. Returns each student's health counts."""
+    runs = []
+    for ad, _, rng, _ in students:
+        lora.use(model, ad)  # the optimiser takes the active adapter's parameters
+        runs.append(start_run(model, steps, cfg, rng))
+    health = [{"zero_signal_groups": 0, "skipped": 0} for _ in students]
+    dev = next(model.parameters()).device
+    try:
+        for step in range(steps):
+            batches = [draw_batch(run, pairs, step, cfg.questions) for run, (_, pairs, _, _) in zip(runs, students)]
+            jobs = [(ad, [student_prompt(q, cfg.style) for q, _ in b], next_seed(gen))
+                    for (ad, _, _, gen), b in zip(students, batches)]
+            with precision(cfg.dtype, dev):
+                comps = sample_students(model, tok, jobs, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.sample_batch)
+            for i, (ad, *_) in enumerate(students):
+                lora.use(model, ad)
+                stats = learn(model, runs[i], step, batches[i], comps[i], cfg, tok.pad_token_id)
+                health[i]["zero_signal_groups"] += stats["zero_signal_groups"]
+                health[i]["skipped"] += stats["skipped"]
+    finally:
+        lora.use(model, None)
+    return health
+
+
+def _lockstep_rewards(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed, eval_max_new_tokens,
+                      threads, lora_rank):
+    """grounded_rewards for LoRA students in lockstep: all g*r adapters (and their AdamW states)
+    are held at once, beside the one baseline; each student is seeded as on the other paths."""
+    students = []
+    for k, data in enumerate(datasets):
+        for j in range(repeats):
+            rng, gen = _student_seeds(seed, k, j)
+            students.append((lora.Adapter(student, lora_rank, generator=gen), [(q, a) for _, q, a in data], rng, gen))
+    with _attached(student, lora_rank), _threads(threads):
+        health = train_lockstep(student, tok, students, steps, cfg)
+        with precision(cfg.dtype, next(student.parameters()).device):
+            accs = greedy_accuracies(student, tok, [s[0] for s in students], reward_qs, cfg.style,
+                                     eval_max_new_tokens or cfg.max_new_tokens)
+    results, best = [], None
+    for k in range(len(datasets)):
+        ids = range(k * repeats, (k + 1) * repeats)
+        rs = [accs[i] - base_acc for i in ids]
+        res = DatasetResult(k, sum(rs) / len(rs), rs, sum(health[i]["zero_signal_groups"] for i in ids),
+                            sum(health[i]["skipped"] for i in ids))
+        best = _keep_best(best, res, [students[i][0].state() for i in ids])
+        results.append(res)
+    return results, best
+
+
 def _grounded_rewards_ray(student, tok, datasets, reward_qs, base_acc, repeats, steps, cfg, seed,
-                          eval_max_new_tokens, progress, workers, threads):
+                          eval_max_new_tokens, progress, workers, threads, lora_rank=0):
     import ray
     from tqdm import tqdm
 
@@ -273,7 +371,7 @@ def _grounded_rewards_ray(student, tok, datasets, reward_qs, base_acc, repeats, 
         while len(refs) < workers and i < len(jobs):
             k, j = jobs[i]
             refs[(k, j)] = task.remote(base, pairs[k], reward_qs, steps, cfg, seed, k, j, eval_max_new_tokens, threads,
-                                       proc)
+                                       proc, lora_rank)
             i += 1
         return i
 

@@ -31,16 +31,24 @@ one shared parameter, which the LM head reads at each call. Verified here on the
 """
 import logging
 import os
+import shutil
 import tempfile
 import weakref
 
 import torch
 
+from engines import lora
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> the engine's weights (vLLM's "auto" would make fp32 bf16)
 
 
-def build_engine(path, dtype="fp32", gpu_memory_utilization=0.3):
-    """One vllm.LLM for the model at `path` (a directory, hub name or .gguf file), in this process."""
+# vLLM's multi-LoRA engine takes these maximum ranks only (vllm/config/lora.py, MaxLoRARanks)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def build_engine(path, dtype="fp32", gpu_memory_utilization=0.3, lora_rank=0, max_loras=1):
+    """One vllm.LLM for the model at `path` (a directory, hub name or .gguf file), in this process.
+    lora_rank > 0: a multi-LoRA engine, up to max_loras adapters of that rank in one batch."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     # in this process, so that a push passes tensors, not copies
@@ -69,6 +77,9 @@ def build_engine(path, dtype="fp32", gpu_memory_utilization=0.3):
         # token budget (4096) crashed. Whole prompts per step instead, as vLLM's CPU platform does for MLA.
         if on_cpu:
             kw.update(enable_chunked_prefill=False)
+        if lora_rank:  # (on CPU vLLM then turns compilation off itself: platforms/cpu.py)
+            kw.update(enable_lora=True, max_loras=max_loras, max_cpu_loras=max_loras,
+                      max_lora_rank=next(r for r in LORA_RANKS if r >= lora_rank))
         return LLM(model=path, dtype=DTYPES[dtype], gpu_memory_utilization=gpu_memory_utilization, seed=0,
                    enable_prefix_caching=True, generation_config="vllm", skip_tokenizer_init=True,
                    enforce_eager=on_cpu, **kw)
@@ -108,14 +119,20 @@ class VLLMSampler:
     are the caller's (`generate.stop_ids`) and the stop token stays in the completion; each call
     has its own seed (the caller's, else one drawn from torch's RNG, so a seeded run repeats)."""
 
-    def __init__(self, path, gpu_memory_utilization=0.3, dtype="fp32", engine=None):
-        self.engine = engine if engine is not None else build_engine(path, dtype, gpu_memory_utilization)
+    def __init__(self, path, gpu_memory_utilization=0.3, dtype="fp32", engine=None, lora_rank=0, max_loras=1):
+        self.engine = engine if engine is not None else build_engine(path, dtype, gpu_memory_utilization,
+                                                                     lora_rank, max_loras)
         self.holds = (None, None)  # (weakref to the model whose weights the engine holds, their version)
         self.pushes = 0
+        self.loras = {}  # id(adapter) -> (weakref to it, its version, its LoRARequest)
+        self.lora_ids = 0
+        self.lora_dir = None
 
     def sync(self, model):
-        """Push model's weights into the engine unless it already holds exactly these."""
-        version = sum(p._version for p in model.parameters())  # bumped by every in-place update
+        """Push model's weights into the engine unless it already holds exactly these. A LoRA model
+        (engines/lora.py) pushes its baseline's: its adapters travel as LoRARequests."""
+        weights = lora.plain_state_dict(model, merge=False)
+        version = sum(t._version for t in weights.values())  # bumped by every in-place update
         ref, held = self.holds
         if ref is not None and ref() is model and held == version:
             return False
@@ -127,25 +144,58 @@ class VLLMSampler:
         log.setLevel(logging.ERROR)
         try:
             self.engine.collective_rpc("reload_weights", kwargs=dict(
-                weights_iterator=iter(model.state_dict().items()), is_checkpoint_format=True))
+                weights_iterator=iter(weights.items()), is_checkpoint_format=True))
             self.engine.reset_prefix_cache()
         finally:
             log.setLevel(level)
         self.holds, self.pushes = (weakref.ref(model), version), self.pushes + 1
         return True
 
+    def request(self, adapter):
+        """The LoRARequest of adapter's current weights: written to disk (PEFT format) and given a new
+        id and name whenever they changed, since vLLM caches an adapter, and its prefixes, by id."""
+        from vllm.lora.request import LoRARequest
+
+        ref, version, req = self.loras.get(id(adapter), (None, None, None))
+        if ref is not None and ref() is adapter and version == adapter.version():
+            return req
+        if req is not None:  # its old weights are never asked for again
+            self.engine.llm_engine.remove_lora(req.lora_int_id)
+            shutil.rmtree(req.lora_path, ignore_errors=True)
+        self.lora_dir = self.lora_dir or tempfile.mkdtemp(prefix="vllm-loras-")
+        self.lora_ids += 1
+        path = os.path.join(self.lora_dir, f"a{self.lora_ids}")
+        lora.save_peft(adapter, path)
+        req = LoRARequest(f"a{self.lora_ids}", self.lora_ids, path)
+        self.loras[id(adapter)] = (weakref.ref(adapter), adapter.version(), req)
+        return req
+
     def __call__(self, model, prompt_ids, stops, eos, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512,
-                 greedy=False, seed=None):
+                 greedy=False, seed=None, jobs=None):
         """n completions of each prompt (lists of token ids), prompt-major: (token ids, whether it
-        stopped before the limit). `eos` is the id appended when the engine drops the EOS it stopped on."""
+        stopped before the limit). `eos` is the id appended when the engine drops the EOS it stopped on.
+        A LoRA model's draws use its active adapter. jobs [(adapter, prompt ids, seed), ...] instead:
+        several students of model's baseline in this one engine call, each prompt with its own
+        student's adapter and seed; the results are concatenated in job order."""
         from vllm import SamplingParams
 
         self.sync(model)
-        if seed is None:
-            seed = int(torch.randint(2 ** 31 - 1, ()))
-        params = SamplingParams(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
-                                max_tokens=max_new_tokens, seed=seed, stop_token_ids=stops, detokenize=False)
-        reqs = self.engine.generate([{"prompt_token_ids": x} for x in prompt_ids], params, use_tqdm=False)
+        if jobs is None:
+            if seed is None:
+                seed = int(torch.randint(2 ** 31 - 1, ()))
+            jobs = [(lora.current(model), prompt_ids, seed)]
+        kw = dict(n=n, temperature=0.0 if greedy else temperature, top_p=1.0 if greedy else top_p,
+                  max_tokens=max_new_tokens, stop_token_ids=stops, detokenize=False)
+        prompts, params, loras = [], [], []
+        for adapter, pids, s in jobs:
+            p = SamplingParams(seed=s, **kw)
+            req = None if adapter is None else self.request(adapter)
+            for x in pids:
+                prompts.append({"prompt_token_ids": x})
+                params.append(p)
+                loras.append(req)
+        reqs = self.engine.generate(prompts, params, use_tqdm=False,
+                                    lora_request=loras if any(r is not None for r in loras) else None)
         out = []
         for req in reqs:
             for c in sorted(req.outputs, key=lambda c: c.index):
