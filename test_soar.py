@@ -1411,6 +1411,16 @@ def test_ray_workers_give_the_sequential_metrics(ray_cluster, reward):
     assert any(x != 0 for r in rows for rs in r["repeat_rewards"] for x in rs)
 
 
+def test_ray_workers_with_lora_students_give_the_lockstep_metrics(ray_cluster):
+    """--student-lora: Ray tasks train one LoRA student each (train(), on the task's own copy of the
+    baseline), the driver without workers trains all of them in lockstep: the same metrics."""
+    seq = ray_run(ray_cluster, "lora-w0", extra=["--student-lora", "4"])
+    assert ray_run(ray_cluster, "lora-w2", workers=2, extra=["--student-lora", "4"]) == seq
+    assert seq != ray_run(ray_cluster, "grounded-w0")  # LoRA students are other students
+    rows = [json.loads(line) for line in seq.splitlines()]
+    assert any(x != 0 for r in rows for rs in r["repeat_rewards"] for x in rs)
+
+
 def test_ray_worker_killed_mid_step_is_retried(ray_cluster):
     cl = ray_cluster
     cl["fault"].write_text("1,0,once")  # dataset 1, repeat 0: its worker dies on the first attempt
@@ -1951,10 +1961,10 @@ def vllm_engine():
 
     engines = {}
 
-    def get(path=TOY_MODEL, dtype="fp32"):
-        if (path, dtype) not in engines:
-            engines[path, dtype] = build_engine(path, dtype)
-        return engines[path, dtype]
+    def get(path=TOY_MODEL, dtype="fp32", lora_rank=0, max_loras=1):
+        if (path, dtype, lora_rank, max_loras) not in engines:
+            engines[path, dtype, lora_rank, max_loras] = build_engine(path, dtype, lora_rank=lora_rank, max_loras=max_loras)
+        return engines[path, dtype, lora_rank, max_loras]
 
     get.before = dict(threads=torch.get_num_threads(), preload=os.environ.get("LD_PRELOAD"))  # before any engine
     yield get
@@ -2339,3 +2349,49 @@ def test_soar_with_lora_students_and_teacher_promotes_resumes_and_saves_plain_mo
     for name in ("student", "teacher"):
         a, b = (load_file(str(tmp_path / d / name / "model.safetensors")) for d in ("full", "cut"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@vllm_test
+def test_vllm_real_engine_serves_several_lora_students_in_one_call(vllm_engine, toy_loaded):
+    """The multi-LoRA path on the real engine (vLLM's CPU LoRA kernels, punica_cpu): three students of
+    one baseline and the baseline itself, in one generate call, each give their own greedy ids, equal
+    to the HF path's for that student; after an RLOO update of one student (sampled on the engine as
+    it trains), its new weights are served under a new adapter id, again equal to the HF path's."""
+    from engines import lora
+
+    model, tok = lora.attach(copy.deepcopy(toy_loaded[0])), toy_loaded[1]
+    engine = vllm_engine(lora_rank=8, max_loras=4)
+    generate.use_sampler("hf")
+    generate.use_sampler("vllm", engine=engine, lora_rank=8, max_loras=4)
+    sampler, prompts = generate._SAMPLER, toy_prompts(1, Ls=(2, 4, 6, 8))
+    ads = [lora_student(model, rank=4, seed=s, spread=0.2) for s in range(3)]
+    calls, real = [], engine.generate
+    engine.generate = lambda *a, **k: (calls.append(len(a[0])), real(*a, **k))[1]
+    try:
+        def check(students):
+            calls.clear()
+            got = generate.sample_students(model, tok, [(ad, prompts, 0) for ad in students], max_new_tokens=40,
+                                           greedy=True)
+            assert calls == [len(prompts) * len(students)]  # one engine call for all of them
+            want = []
+            for ad in students:
+                lora.use(model, ad)
+                want.append(hf_greedy(model, tok, prompts))
+            lora.use(model, None)
+            assert [[c.ids for c in g] for g in got] == want
+            return want
+
+        first = check(ads + [None])
+        assert first[0] != first[3] and first[1] != first[3] and first[0] != first[1]  # each its own student
+        old = sampler.loras[id(ads[0])][2].lora_int_id
+        pairs = [(q, task.solve(q)[1]) for q in [task.make_question(L, random.Random(L)) for L in (5, 6, 7, 8)]]
+        cfg = train_student.RLConfig(lr=1e-2, questions=4, group=4, max_new_tokens=60, style="toy", micro_batch=16)
+        lora.use(model, ads[0])
+        train_student.train(model, tok, pairs, 2, cfg, seeds=torch.Generator().manual_seed(0))
+        lora.use(model, None)
+        second = check(ads + [None])
+        assert second[0] != first[0] and second[1:] == first[1:]
+        assert sampler.loras[id(ads[0])][2].lora_int_id > old and old not in engine.llm_engine.list_loras()
+    finally:
+        engine.generate = real
+        generate.use_sampler("hf")
