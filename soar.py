@@ -49,10 +49,10 @@ from evaluate import get_verifier, greedy_accuracy
 from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style, model_style, precision, save_model,
                       teacher_prompt, use_prompt_files)
 from train_student import RLConfig, frozen_copy, make_optimizer
-from train_teacher import (InnerStudentError, TeacherSamplingError, grounded_rewards, learnability_rewards,
-                           sample_teacher_datasets, teacher_step)
+from train_teacher import TeacherSamplingError, grounded_rewards, learnability_rewards, sample_teacher_datasets, teacher_step
 from rundir.checkpoint import restore, save_checkpoint
 from rundir.run import finish, open_run, step_row
+from scaleout.ray_students import InnerStudentError
 from rundir.tblog import log_row, summary_writer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -24,6 +24,7 @@ import soar
 import train_student
 import train_teacher
 from engines import lean
+from scaleout import ray_students
 from generate import Completion, last_boxed, parse_teacher
 from toy import task
 
@@ -712,22 +713,28 @@ class FakeVLLM:
         self.resets += 1
         return True
 
-    def generate(self, prompts, params, use_tqdm=True):
+    def generate(self, prompts, params, use_tqdm=True, lora_request=None):
+        """params: one SamplingParams for all prompts or one per prompt, as vllm.LLM.generate takes.
+        It serves no LoRA adapters (those are tested on the real engine)."""
         import types
 
+        assert lora_request is None, "the fake engine serves no LoRA adapters"
+        if not isinstance(params, list):
+            params = [params] * len(prompts)
+        assert len(params) == len(prompts)
         reqs = []
-        for p in prompts:
+        for p, sp in zip(prompts, params):
             ids = p["prompt_token_ids"]
             self.prompts.append(ids)
             outs = []
-            for i in range(params.n):
-                torch.manual_seed(params.seed + i)
-                kw = dict(do_sample=False) if params.temperature == 0 else dict(
-                    do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            for i in range(sp.n):
+                torch.manual_seed(sp.seed + i)
+                kw = dict(do_sample=False) if sp.temperature == 0 else dict(
+                    do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0)
                 g = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                        max_new_tokens=params.max_tokens, eos_token_id=params.stop_token_ids,
+                                        max_new_tokens=sp.max_tokens, eos_token_id=sp.stop_token_ids,
                                         pad_token_id=self.eos, **kw)[0, len(ids):].tolist()
-                end = next((t for t, x in enumerate(g) if x in params.stop_token_ids), None)
+                end = next((t for t, x in enumerate(g) if x in sp.stop_token_ids), None)
                 if end is None:
                     outs.append(types.SimpleNamespace(index=i, token_ids=g, finish_reason="length", stop_reason=None))
                 else:
@@ -1373,12 +1380,12 @@ def ray_cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("ray")
     fault = d / "fault"
     fault.write_text("")
-    old = os.environ.get(train_teacher.FAULT_ENV)
-    os.environ[train_teacher.FAULT_ENV] = str(fault)  # the workers inherit the raylet's environment
+    old = os.environ.get(ray_students.FAULT_ENV)
+    os.environ[ray_students.FAULT_ENV] = str(fault)  # the workers inherit the raylet's environment
     try:
-        _, started = train_teacher.init_ray(2)
+        _, started = ray_students.init_ray(2)
     finally:
-        os.environ.pop(train_teacher.FAULT_ENV) if old is None else os.environ.update({train_teacher.FAULT_ENV: old})
+        os.environ.pop(ray_students.FAULT_ENV) if old is None else os.environ.update({ray_students.FAULT_ENV: old})
     assert started
     hard = toy_file(d / "hard.jsonl", 16, 8)
     yield dict(fault=fault, hard=hard, dir=d, runs={})
@@ -1904,11 +1911,34 @@ def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
     again = generate.load_model(str(tmp_path / "saved"), device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert generate.load_tokenizer(str(tmp_path / "saved"))("x")["input_ids"] == tok("x")["input_ids"]
+    # a LoRA student of it (engines/lora.py): the adapter switched off is the model bit for bit (the KL
+    # reference), merging gives the adapted logits bit for bit, an RLOO step moves only the adapter
+    from engines import lora
+
+    x = torch.tensor([comps[0].prompt_ids])
+    student = lora.attach(copy.deepcopy(again))
+    ad = lora_student(student, rank=4, spread=0.02)
+    lora.use(student, ad)
+    with torch.no_grad():
+        plain, adapted = again(input_ids=x).logits, student(input_ids=x).logits
+        with lora.off(student):
+            assert torch.equal(student(input_ids=x).logits, plain)
+        assert not torch.equal(adapted, plain)
+        assert torch.equal(lora.merge_into(copy.deepcopy(again), ad.state())(input_ids=x).logits, adapted)
+    frozen = {k: v.clone() for k, v in lora.plain_state_dict(student, merge=False).items()}  # the baseline's
+    opt, _ = train_student.make_optimizer(student, 1e-3, 1)
+    a0 = [t.clone() for t in ad.parameters()]
+    timed("LoRA RLOO step", train_student.policy_gradient_step, student, opt, eps, cfg, tok.pad_token_id)
+    assert all(torch.equal(v, frozen[k]) for k, v in lora.plain_state_dict(student, merge=False).items())
+    assert any(not torch.equal(a, b) for a, b in zip(a0, ad.parameters()))
+    del student
     # teacher sampling in soar.py (paper preset, small budgets): this model writes no valid question,
     # so the run stops with a clear error and its rejected samples saved
     hard = tmp_path / "hard.jsonl"
     hard.write_text("".join(json.dumps(p) + "\n" for p in probs))
-    monkeypatch.setattr(soar, "load_model", lambda path: copy.deepcopy(again))  # no second 30 s dequantisation
+    from rundir import run as rundir_run
+
+    monkeypatch.setattr(rundir_run, "load_model", lambda path: copy.deepcopy(again))  # no second 30 s dequantisation
     out = tmp_path / "run"
     t0 = time.time()
     with pytest.raises(SystemExit, match="valid of 4 needed"):
@@ -2014,7 +2044,7 @@ def test_sampler_vllm_builds_its_engine_in_the_runs_dtype(tiny, tmp_path, monkey
 
     built = []
 
-    def build(path, dtype="fp32", gpu_memory_utilization=0.3):
+    def build(path, dtype="fp32", gpu_memory_utilization=0.3, lora_rank=0, max_loras=1):
         built.append((path, dtype))
         raise RuntimeError("engine not built in this test")
 

@@ -5,13 +5,16 @@ at Llama-3.2-3B-Instruct's shape with random weights.
     python -m experiments.gpu_check --out runs/gpu_check                  # fp32, units a-d
     python -m experiments.gpu_check --out runs/gpu_check --dtype bf16 --units a,b,c
     python -m experiments.gpu_check --out runs/gpu_check --tiny           # smoke test, tiny model (CPU is fine)
+    python -m experiments.gpu_check --out runs/gpu_check-lora --dtype bf16 --student-lora 16   # LoRA students
 
   a  generate.sample: 8 prompts x 32 samples x 1024 new tokens, temperature 1, one batch of 256 rows
      (PRESETS["paper"]["sample_batch"]); there are no stop ids, so every row runs to full length.
   b  train_student.policy_gradient_step: 256 sequences (8 prompts of ~100 tokens x 32 completions of
      1024), PRESETS["paper"]["micro_batch"], k3 KL (0.001) to a frozen reference, AdamW (lr 1e-5) with
      its state already allocated, as in every inner step after the first. After an out-of-memory it
-     is tried again with half the micro-batch, down to 1; each try is a row.
+     is tried again with half the micro-batch, down to 1; each try is a row. With --student-lora RANK
+     the student is a LoRA adapter on the model (engines/lora.py): its reference is the model with the
+     adapter off, AdamW holds the adapter only, lr x lora.LR_SCALE (soar.py's default).
   c  greedy decoding (what evaluate.greedy_accuracy runs): 64 prompts (Q_R's size), 1024 new tokens, batch 64.
   d  `python soar.py --steps 1` (the toy preset; CUDA when present) in a child process.
 
@@ -38,6 +41,8 @@ import torch
 import transformers
 from transformers import BatchEncoding, LlamaConfig, LlamaForCausalLM
 
+import train_student
+from engines import lora
 from generate import precision, sample
 from soar import PRESETS
 from train_student import Episode, RLConfig, frozen_copy, make_optimizer, policy_gradient_step, rloo_advantages
@@ -132,28 +137,35 @@ def unit_decode(model, tok, cfg, W, probe, dtype, n_prompts, n, is_greedy, batch
     return f"{full}/{len(out)} rows at full length, batch {batch}; KV cache in {model.dtype} (fast_sample: model.dtype)"
 
 
-def unit_b(model, tok, cfg, W, probe, dtype, micro_batch):
+def unit_b(model, tok, cfg, W, probe, dtype, micro_batch, lora_rank=0):
     rng = random.Random(1)
     ps = prompts(W["prompts"], W["prompt_len"], cfg, rng, text=False)
     rewards = torch.tensor([[rng.choice([0.0, 10.0, 20.0, 120.0]) for _ in range(W["group"])] for _ in ps])
     adv = rloo_advantages(rewards)
     eps = [Episode(p, [rng.randrange(cfg.vocab_size) for _ in range(W["new_tokens"])], rewards[i, j].item(),
                    adv[i, j].item()) for i, p in enumerate(ps) for j in range(W["group"])]
-    rl = RLConfig(lr=PAPER["student_lr"], kl_coef=PAPER["student_kl"], temperature=PAPER["temperature"],
-                  micro_batch=micro_batch, dtype=dtype)
+    rl = RLConfig(lr=PAPER["student_lr"] * (lora.LR_SCALE if lora_rank else 1), kl_coef=PAPER["student_kl"],
+                  temperature=PAPER["temperature"], micro_batch=micro_batch, dtype=dtype)
     probe.where = "frozen reference copy"
-    ref = frozen_copy(model, dtype)
+    if lora_rank:  # the adapter on the model itself; its reference: the model with the adapter off
+        lora.use(lora.attach(model), lora.Adapter(model, lora_rank))
+        ref = model
+    else:
+        ref = frozen_copy(model, dtype)
     probe.where = "AdamW state"
     opt, sched = make_optimizer(model, rl.lr, PAPER["inner_steps"])
-    for p in model.parameters():
+    for p in train_student.trainable(model):
         p.grad = torch.zeros_like(p)
     opt.step()  # on zero gradients: allocates exp_avg and exp_avg_sq, moves no weight (weight decay 0)
     opt.zero_grad(set_to_none=True)
     probe.begin("update (forward, reference forward, backward, AdamW step)")
     st = policy_gradient_step(model, opt, eps, rl, tok.pad_token_id, ref, sched)  # applies rl.dtype itself
     probe.end(st["tokens"])
-    return (f"reference in {next(ref.parameters()).dtype}; pg {st['pg_loss']:.3g}, kl {st['kl']:.2g}, "
-            f"grad norm {st['grad_norm']:.3g}, skipped {st['skipped']}")
+    what = f"LoRA rank {lora_rank}, reference: adapter off" if lora_rank else f"reference in {next(ref.parameters()).dtype}"
+    if lora_rank:
+        lora.use(model, None)
+        lora.detach(model)
+    return f"{what}; pg {st['pg_loss']:.3g}, kl {st['kl']:.2g}, grad norm {st['grad_norm']:.3g}, skipped {st['skipped']}"
 
 
 def unit_d(out_dir, tiny, dtype, probe, timeout):
@@ -185,6 +197,7 @@ def main(argv=None):
     ap.add_argument("--units", default="a,b,c,d", help="comma-separated, from a,b,c,d")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 256, tiny workloads: a smoke test")
     ap.add_argument("--budget", type=float, default=420, help="seconds after which no unit starts")
+    ap.add_argument("--student-lora", type=int, default=0, metavar="RANK", help="unit b with a LoRA student of this rank")
     a = ap.parse_args(argv)
     units = a.units.split(",")
     if set(units) - set("abcd"):
@@ -232,7 +245,8 @@ def main(argv=None):
             model, tok, cfg, W, p, a.dtype, W["prompts"], W["group"], False, PAPER["sample_batch"], 0))
     mb = PAPER["micro_batch"]
     while "b" in units and record("b", f"PG step, {n_seq} seqs x {T} tokens, micro_batch {mb}",
-                                  lambda p, _: unit_b(model, tok, cfg, W, p, a.dtype, mb)).startswith("OOM") and mb > 1:
+                                  lambda p, _: unit_b(model, tok, cfg, W, p, a.dtype, mb, a.student_lora)
+                                  ).startswith("OOM") and mb > 1:
         mb //= 2  # the same step with half the micro-batch
     if "c" in units:
         record("c", f"greedy {W['eval_questions']} x {T} new tokens", lambda p, _: unit_decode(
@@ -243,7 +257,8 @@ def main(argv=None):
         record("d", "toy preset, one outer step", lambda p, left: unit_d(a.out, a.tiny, a.dtype, p, max(30.0, left)))
     meta["seconds"] = time.perf_counter() - t_start
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"gpu_check-{a.dtype}" + ("-tiny" if a.tiny else ""))
+    stem = os.path.join(a.out, f"gpu_check-{a.dtype}" + (f"-lora{a.student_lora}" if a.student_lora else "")
+                        + ("-tiny" if a.tiny else ""))
     with open(stem + ".md", "w") as f:
         f.write(head + "\n\n" + "\n".join(COLUMNS + [row_md(r) for r in rows]) + "\n")
     with open(stem + ".json", "w") as f:

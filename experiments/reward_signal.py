@@ -6,6 +6,7 @@ the spread between repeats of one dataset. Run it from the repository root:
     python -m experiments.reward_signal --out runs/signal/toy-hard              # the shipped hard set, the toy preset's lr
     python -m experiments.reward_signal --student-lr 1e-4 --inner-steps 40 --out runs/signal/s40   # other settings
     python -m experiments.reward_signal --student runs/soar/student --inner-steps 30 --out runs/signal/ps  # a promoted student
+    python -m experiments.reward_signal --student-lora 4 --out runs/signal/lora4   # LoRA students, in lockstep
 
 The teacher's RLOO step sees only R_k. If the R_kj of one dataset spread as much as the R_k of
 different datasets, R_k is mostly the noise of the inner training, and the teacher cannot learn
@@ -24,12 +25,15 @@ import os
 import random
 import statistics
 
+import time
+
 import torch
 
 from evaluate import greedy_accuracy, load_problems
 from generate import HelpFormatter, load_model, load_tokenizer, model_style
 from train_student import RLConfig
 from train_teacher import grounded_rewards, sample_teacher_datasets
+from experiments.bench import cpu_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +60,10 @@ def main(argv=None):
     ap.add_argument("--m", type=int, default=0, help="reward questions Q_R (0: all of D_train)")
     ap.add_argument("--inner-steps", type=int, default=20, help="S, RLOO steps per student (the toy preset's)")
     ap.add_argument("--student-lr", type=float, default=3e-4, help="inner students' learning rate (the toy preset's)")
+    ap.add_argument("--student-lora", type=int, default=0, metavar="RANK",
+                    help="LoRA students of this rank, trained in lockstep (soar.py's flag); 0: full copies")
+    ap.add_argument("--lora-lr-scale", type=float, default=10.0,
+                    help="with --student-lora, the students' learning rate is this times --student-lr (soar.py's)")
     ap.add_argument("--student-max-new-tokens", type=int, default=120, help="student budget (the toy preset's)")
     ap.add_argument("--teacher-max-new-tokens", type=int, default=160, help="teacher budget (the toy preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draw, Q_R and the students")
@@ -70,13 +78,17 @@ def main(argv=None):
     datasets, _ = sample_teacher_datasets(teacher, tok, a.g, a.n, style, max_new_tokens=a.teacher_max_new_tokens)
     qr = random.Random(a.seed).sample(hard, min(a.m or len(hard), len(hard)))
     base = greedy_accuracy(student, tok, qr, style, a.student_max_new_tokens)
-    cfg = RLConfig(lr=a.student_lr, questions=8, group=8, max_new_tokens=a.student_max_new_tokens,
+    lr = a.student_lr * (a.lora_lr_scale if a.student_lora else 1)
+    cfg = RLConfig(lr=lr, questions=8, group=8, max_new_tokens=a.student_max_new_tokens,
                    micro_batch=32, style=style)
+    t0 = time.time()
     results, _ = grounded_rewards(student, tok, datasets, qr, base, a.r, a.inner_steps, cfg, seed=a.seed,
-                                  progress=True, threads=a.threads)
+                                  progress=True, threads=a.threads, lora_rank=a.student_lora)
+    seconds = time.time() - t0
     rkj = [res.repeat_rewards for res in results]
     between, within, f = anova(rkj)
-    out = dict(student=os.path.relpath(a.student or a.model, HERE), student_lr=a.student_lr, hard_train=os.path.relpath(a.hard_train, HERE), q_r=len(qr), base_acc=base, g=a.g, n=a.n, r=a.r,
+    out = dict(student=os.path.relpath(a.student or a.model, HERE), student_lr=a.student_lr, student_lora=a.student_lora, lr=lr,
+               inner_seconds=round(seconds, 1), cpu=cpu_model(), hard_train=os.path.relpath(a.hard_train, HERE), q_r=len(qr), base_acc=base, g=a.g, n=a.n, r=a.r,
                inner_steps=a.inner_steps, seed=a.seed, r_kj_in_units_of_1_over_q_r=[[round(x * len(qr)) for x in row]
                                                                                    for row in rkj],
                r_k=[res.reward for res in results], ms_between=between, ms_within=within, f=f,
@@ -94,7 +106,7 @@ def main(argv=None):
         share = f"{out['share_L7_9'][k]:.2f}" if "share_L7_9" in out else "-"
         print(f"| {k} | {row} | {out['r_k'][k]:.4f} | {share} |")
     print(f"MS between datasets {between:.2e}, MS within (repeats) {within:.2e}, F = {f:.2f}; "
-          f"{out['students_gained']} of {out['students']} students gained")
+          f"{out['students_gained']} of {out['students']} students gained; inner loop {seconds:.0f} s on {out['cpu']}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from evaluate import greedy_accuracy, load_data
 from generate import HelpFormatter, load_model, load_tokenizer, model_style
 from soar import PRESETS
 from train_student import RLConfig
-from train_teacher import grounded_rewards, init_ray, sample_teacher_datasets
+from scaleout.ray_students import init_ray
+from train_teacher import grounded_rewards, sample_teacher_datasets
 
 
 def mean_ci(xs, reps=10_000, seed=0):

@@ -11,7 +11,7 @@ import torch
 from engines import lora
 from evaluate import diversity, load_problems
 from generate import load_model, load_tokenizer, save_model, use_sampler
-from train_teacher import init_ray
+from scaleout.ray_students import init_ray
 
 
 def open_run(cfg):
