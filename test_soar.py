@@ -1510,7 +1510,7 @@ def documented_commands():
     import re
 
     out = []
-    files = ["README.md", "toy/README.md"] + sorted(glob.glob(os.path.join(HERE, "*.py"))) + \
+    files = ["README.md", "toy/README.md", "engines/README.md", "scaleout/README.md", "experiments/README.md"] + sorted(glob.glob(os.path.join(HERE, "*.py"))) + \
         sorted(glob.glob(os.path.join(HERE, "experiments", "*.py"))) + sorted(glob.glob(os.path.join(HERE, "rundir", "*.py"))) + \
         [os.path.join(HERE, "toy", "build.py")]
     for f in files:

