@@ -1204,25 +1204,51 @@ def test_report_table_and_sweep_paths(tmp_path):
     (d / "questions.jsonl").write_text('{"question": "3+4", "answer": "7"}\n{"question": "1+1+1+1+1+1+1+1", "answer": "5"}\n')
     (d / "curve.jsonl").write_text("".join(json.dumps({"step": t, "train_accuracy": 0.1 * (t >= 20)}) + "\n"
                                            for t in range(40)))
+    d = root / "grounded-t-seed0-student1"  # a second fresh student of the same teacher and seed
+    d.mkdir()
+    (d / "questions.jsonl").write_text('{"question": "3+4", "answer": "7"}\n')
+    (d / "curve.jsonl").write_text("".join(json.dumps({"step": t, "train_accuracy": 0.5}) + "\n" for t in range(40)))
+    # the base model once per seed; Hard-Only with 3 fresh students on seed 0 (made out of order) and 2 on seed 1
+    for name, p in (("base-seed0", 0.4), ("base-seed1", 0.1), ("hard-only-seed0-student2", 0.5), ("hard-only-seed0", 0.1),
+                    ("hard-only-seed0-student1", 0.3), ("hard-only-seed1", 0.5), ("hard-only-seed1-student1", 0.1)):
+        (root / name).mkdir()
+        json.dump({f"pass@{k}": p for k in report.KS}, open(root / name / "result.json", "w"))
+    res = report.collect(str(root))
+    assert [(r["student"], r["pass@1"]) for r in res["hard-only"][0]] == [(0, 0.1), (1, 0.3), (2, 0.5)]
+    assert [r["pass@1"] for r in res["hard-only"][1]] == [0.5, 0.1] and len(res["soar-pq"][0]) == 1  # old roots: one
+    order = tmp_path / "order"  # student order is numeric: student10 after student2
+    for name in ("x-seed0-student10", "x-seed0", "x-seed0-student2"):
+        (order / name).mkdir(parents=True)
+        json.dump({}, open(order / name / "result.json", "w"))
+    assert [r["student"] for r in report.collect(str(order))["x"][0]] == [0, 2, 10]
     out = tmp_path / "out"
     report.main(["--root", str(root), "--out", str(out), "--name", "t"])
     md = (out / "t.md").read_text()
     # PQ is averaged over the runs that promoted; the one that never did is counted, not averaged in
-    assert "| SOAR-PQ | 1 promoted (1 never promoted, left out) | 10.0 ± 0.0 |" in md and "| Hard-Only | 0 | - |" in md
+    # mean ± SD over all 5 Hard-Only runs (.1 .3 .5 | .5 .1: 30 ± 20; over the seeds' means it would be 30 ± 0);
+    # above the same seed's base model (.4 | .1): seed 0's .5, seed 1's .5 (its .1 ties: not above)
+    assert "| Hard-Only | 2 | 5 | " + " | ".join(["30.0 ± 20.0"] * len(report.KS)) + " | 2 of 5 (40%) |" in md
+    assert "| base model | 2 | 2 | " + " | ".join(["25.0 ± 21.2"] * len(report.KS)) + " | - |" in md
+    assert "| SOAR-PQ | 1 promoted (1 never promoted, left out) | 1 | " + " | ".join(["10.0 ± 0.0"] * len(report.KS)) + \
+        " | 0 of 1 (0%) |" in md
+    assert "| Hard-Only | 30.0 (n=3) | 30.0 (n=2) |" in md and "| base model | 40.0 | 10.0 |" in md
     assert "| SOAR run: promotions | 1 | 0 |" in md
     # the per-seed facts: students below their baseline after the last promotion (seed 0: none after step 1;
     # seed 1 never promoted: all of its steps), the evaluation questions' answer key, a fresh student's training
     assert "| SOAR run: promotions (at outer steps) | 1 (1) | 0 |" in md
     assert "below their baseline, after the last promotion (all steps if none) | 0 of 0 | 4 of 8 |" in md
-    assert "| Grounded-T: evaluation questions with the right answer | 50% | - |" in md
-    assert "| Grounded-T: fresh student's training accuracy, first -> last 20 steps | 0% -> 10% | - |" in md
+    assert "| Grounded-T: evaluation questions with the right answer | 67% | - |" in md  # both students' 3 questions
+    assert "| Grounded-T: fresh student's training accuracy, first -> last 20 steps | 0% -> 10%; 50% -> 50% | - |" in md
     teach = json.load(open(out / "t.json"))["teachers"]
     assert teach["learnability reward (Intrinsic-T)"]["question_diversity"] == pytest.approx(0.2)
     assert teach["grounded reward (SOAR)"]["promotions"] == {"0": 1, "1": 0}
     assert teach["grounded reward (SOAR)"]["mean_difficulty"] == pytest.approx(5.0)
     found = json.load(open(out / "t.json"))
     assert found["answers_per_step"]["grounded reward (SOAR)"] == {"0": [1.0, 0.0], "1": [1.0, 0.0]}
-    assert found["evaluation_answers"] == {"grounded-t": {"0": [0.5, 0.5]}}  # 7 ops of +1: answer 5678, not 5
+    assert found["evaluation_answers"] == {"grounded-t": {"0": [0.6667, 0.3333]}}  # 7 ops of +1: answer 5678, not 5
+    # toy_table.json: every run of a method and seed, in student order, with its pass@k
+    assert [(r["student"], r["pass@32"]) for r in found["results"]["hard-only"]["0"]] == [(0, 0.1), (1, 0.3), (2, 0.5)]
+    assert [len(found["results"]["base"][s]) for s in ("0", "1")] == [1, 1]
     assert report.answer_key([{"question": "not a chain", "answer": "1"}]) is None
     # the reward's pull toward hard questions: datasets [L 8, 8 | 3, 3 | 8, 3] (shares 1, 0, 0.5, centred 0.5,
     # -0.5, 0) with R_k = [0.2, 0, 0.1] (advantages 0.15, -0.15, 0): perfectly aligned; reversed R_k: -1
@@ -1241,6 +1267,21 @@ def test_report_table_and_sweep_paths(tmp_path):
     for done, cmd in toy_table.commands("R", 3):
         assert done.startswith(os.path.join("R", "")) and done.count("R" + os.sep) == 1
         assert not any(c.count("R" + os.sep) > 1 for c in cmd)
+    # 3 fresh students per method: student 0 is the single-student sweep's commands, unchanged and first;
+    # students 1 and 2 get their own directories and protocol seeds 3 + 1000, 3 + 2000; base and PS run once
+    one, three = toy_table.commands("R", 3, students=1), toy_table.commands("R", 3, students=3)
+    assert len(one) == 10 and three[:10] == one
+    assert (os.path.join("R", "hard-only-seed3", "result.json"),
+            [sys.executable, "-m", "experiments.protocol", "hard-only", "--seed", "3", "--out",
+             os.path.join("R", "hard-only-seed3")]) in one
+    first = {os.path.basename(os.path.dirname(done)): cmd for done, cmd in one}
+    extra = {os.path.basename(os.path.dirname(done)): cmd for done, cmd in three[10:]}
+    assert set(extra) == {f"{m}-seed3-student{j}" for m in ("hard-only", "soar-pq", "grounded-t", "base-t",
+                                                             "intrinsic-t") for j in (1, 2)}
+    for name, cmd in extra.items():  # student 0's command with its own seed and directory
+        method, j = name.split("-seed")[0], int(name[-1])
+        new = {"3": str(3 + 1000 * j), os.path.join("R", f"{method}-seed3"): os.path.join("R", name)}
+        assert cmd == [new.get(c, c) for c in first[f"{method}-seed3"]]
     soar_cmd, intr_cmd = [cmd for _, cmd in toy_table.commands("R", 3, 30, ["--r", "3"]) if cmd[1] == "soar.py"]
     assert soar_cmd[soar_cmd.index("--r") + 1] == "3" and "--r" not in intr_cmd  # a variant changes the SOAR run only
 
@@ -1949,6 +1990,23 @@ def test_a_real_instruct_model_on_math500(tmp_path, monkeypatch):
     timings["teacher sampling 8"] = round(time.time() - t0, 1)
     assert len(open(out / "rejected.jsonl").readlines()) == 8
     print("SmolLM2-135M-Instruct stage times (s):", json.dumps(timings))
+
+
+def test_tau_null_is_the_mean_of_w_draws_and_needs_a_null_run(tmp_path):
+    """experiments.tau_null: the moving average's null is the mean of w independent R̂ draws (R̂ of 0
+    or 0.03 with equal odds, w = 3: P(mean <= 0.02) = 7/8, so its 0.8-quantile is 0.02, one draw's
+    0.03); a run that updated its teacher or promoted is refused."""
+    from experiments import tau_null
+
+    values = [0.0, 0.03] * 10
+    assert tau_null.null_of_mean(values, 3, q=0.8, draws=20000, outer=5)[0] == pytest.approx(0.02)
+    assert tau_null.null_of_mean(values, 1, q=0.8, draws=20000, outer=5)[0] == pytest.approx(0.03)
+    run = tmp_path / "run"
+    run.mkdir()
+    json.dump(dict(no_teacher_update=True, no_promotion=False, window=3, tau=0.01), open(run / "config.json", "w"))
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no null"):
+        tau_null.main(["--run", str(run)])
 
 
 def test_signal_anova_by_hand():
