@@ -1224,11 +1224,11 @@ def test_report_table_and_sweep_paths(tmp_path):
     out = tmp_path / "out"
     report.main(["--root", str(root), "--out", str(out), "--name", "t"])
     md = (out / "t.md").read_text()
-    # PQ is averaged over the runs that promoted; the one that never did is counted, not averaged in
     # mean ± SD over all 5 Hard-Only runs (.1 .3 .5 | .5 .1: 30 ± 20; over the seeds' means it would be 30 ± 0);
     # above the same seed's base model (.4 | .1): seed 0's .5, seed 1's .5 (its .1 ties: not above)
     assert "| Hard-Only | 2 | 5 | " + " | ".join(["30.0 ± 20.0"] * len(report.KS)) + " | 2 of 5 (40%) |" in md
     assert "| base model | 2 | 2 | " + " | ".join(["25.0 ± 21.2"] * len(report.KS)) + " | - |" in md
+    # PQ is averaged over the runs that promoted; the one that never did is counted, not averaged in
     assert "| SOAR-PQ | 1 promoted (1 never promoted, left out) | 1 | " + " | ".join(["10.0 ± 0.0"] * len(report.KS)) + \
         " | 0 of 1 (0%) |" in md
     assert "| Hard-Only | 30.0 (n=3) | 30.0 (n=2) |" in md and "| base model | 40.0 | 10.0 |" in md
@@ -1298,6 +1298,7 @@ def test_sweep_and_report_run_as_files(tmp_path):
                           "--root", str(tmp_path / "r")], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "soar.py --seed 0 --steps 30" in out.stdout and "toy.build edge" in out.stdout
+    assert "hard-only --seed 2000 --out " + os.path.join(str(tmp_path / "r"), "hard-only-seed0-student2") in out.stdout
     out = subprocess.run([sys.executable, os.path.join(HERE, "experiments", "report.py"), "--help"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and "paired" in out.stdout, out.stderr
@@ -1307,9 +1308,9 @@ def test_report_paired_bootstrap_over_test_problems(tmp_path):
     import experiments.report as report
 
     r = lambda *evs: {"samples": 4, "counts": [list(e) for e in evs]}  # noqa: E731
-    res = {"grounded-t": {0: r([4, 4, 4, 4]), 1: r([4, 0, 4, 0], [4, 0, 4, 0])},
-           "base-t": {0: r([0, 0, 0, 0]), 1: r([0, 4, 0, 4])},
-           "soar-pq": {0: r([2, 2, 2, 2]), 1: r([4, 4, 4, 4])}, "hard-only": {0: r([0] * 4), 1: r([0] * 4)}}
+    res = {"grounded-t": {0: [r([4, 4, 4, 4])], 1: [r([4, 0, 4, 0], [4, 0, 4, 0])]},  # one student per seed
+           "base-t": {0: [r([0, 0, 0, 0])], 1: [r([0, 4, 0, 4])]},
+           "soar-pq": {0: [r([2, 2, 2, 2])], 1: [r([4, 4, 4, 4])]}, "hard-only": {0: [r([0] * 4)], 1: [r([0] * 4)]}}
     p = report.paired(res, "grounded-t", "base-t", 1, boots=2000)
     # seed 0: +1 on every problem, so every resample gives +1; seed 1: +1, -1, +1, -1 averages 0
     assert p["seeds"][0] == {"diff": 1.0, "lo": 1.0, "hi": 1.0}
@@ -1326,6 +1327,18 @@ def test_report_paired_bootstrap_over_test_problems(tmp_path):
     assert any(x.startswith("| SOAR-PQ - Hard-Only | 1 | 1 |") and x.endswith("| yes, higher |") for x in lines)
     assert any(x.startswith("| Grounded-T - Base-T | 1 | 2 |") for x in lines)
     assert report.paired(res, "grounded-t", "intrinsic-t", 1) is None  # no Intrinsic-T results: no claim
+    # three fresh students per method on one seed, pass@1 the same on every problem: a's students 1, .25, .25
+    # (mean .5), b's .75, 0, 0 (mean .25). Paired student by student, every pair differs by +.25, and the
+    # students' means differ by +.25 on every problem: either way an interval [+.25, +.25]. But they are
+    # independent runs: resampling each method's students on its own, a's three can all be the .25 ones
+    # while b's include the .75 (diff -.25), or the reverse (+.75), each about 9% of the time
+    a, b = [r([4] * 8), r([1] * 8), r([1] * 8)], [r([3] * 8), r([0] * 8), r([0] * 8)]
+    p = report.paired({"grounded-t": {0: a}, "base-t": {0: b}}, "grounded-t", "base-t", 1, boots=2000)
+    assert p["runs"] == [3, 3]
+    for c in (p["seeds"][0], p["mean"]):
+        assert c["diff"] == pytest.approx(0.25) and c["lo"] <= -0.25 < 0 < 0.75 <= c["hi"]
+    one = report.paired({"grounded-t": {0: [r([2] * 8)]}, "base-t": {0: [r([1] * 8)]}}, "grounded-t", "base-t", 1)
+    assert one["mean"] == {"diff": 0.25, "lo": 0.25, "hi": 0.25}  # the same means from one student each: no spread
 
 
 def test_optimizer_warmup_then_cosine_to_zero():

@@ -128,10 +128,11 @@ def run_plots(out_dir, rows, name):
 def plots(out_dir, res, teachers, edges, base_edge, keyed=None, methods=(), ks=()):
     """Write the figures to out_dir; returns their paths (none without matplotlib).
 
-    res: {method: {seed: result.json}}; teachers: {"grounded reward (SOAR)" and/or "learnability reward
-    (Intrinsic-T)": {seed: metrics.jsonl rows}}; edges: {seed: the SOAR run's final student's edge L or
-    None}; base_edge: the base student's; keyed: {teacher run kind: {seed: [share of right answers per
-    outer step]}} (the toy answer key); methods: [(key, name)] in table order; ks: the k of pass@k."""
+    res: {method: {seed: [result.json of each run]}} (the pass@k curves average all runs); teachers:
+    {"grounded reward (SOAR)" and/or "learnability reward (Intrinsic-T)": {seed: metrics.jsonl rows}};
+    edges: {seed: the SOAR run's final student's edge L or None}; base_edge: the base student's; keyed:
+    {teacher run kind: {seed: [share of right answers per outer step]}} (the toy answer key); methods:
+    [(key, name)] in table order; ks: the k of pass@k."""
     try:
         import matplotlib
 
@@ -230,7 +231,7 @@ def plots(out_dir, res, teachers, edges, base_edge, keyed=None, methods=(), ks=(
         for key, name in methods:
             runs_ = res.get(key, {})
             if runs_:
-                ys = [100 * statistics.mean(r[f"pass@{k}"] for r in runs_.values()) for k in ks]
+                ys = [100 * statistics.mean(r[f"pass@{k}"] for rs in runs_.values() for r in rs) for k in ks]
                 ax.plot(ks, ys, "o-", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])

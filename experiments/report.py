@@ -1,21 +1,27 @@
 """
 python -m experiments.report -- the paper-style table and plots from result directories. Run it from
 the repository root (`python experiments/report.py` works too, without the answer-key numbers: they need
-toy/task.py, which only `-m` puts on the path; of the project it imports only experiments/plots.py).
+toy/task.py, which only `-m` puts on the path; of the project it imports only experiments/plots.py and
+experiments/stats.py).
 
     python -m experiments.report --root runs/toy_table                            # -> runs/toy_table/report/
     python -m experiments.report --root runs/toy_table --out experiments/results/toy_table  # the committed files
     python -m experiments.report --run runs/soar-toy-seed0                       # one run -> its report/
 
-Reads ROOT/<method>-seed<S>/result.json (pass@k, per-problem success counts), ROOT/soar-seed<S>/ and
-ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a run promoted), and writes to OUT
-    NAME.md         pass@k per method, mean +- SD over seeds; each claim of the paper as a paired
-                    difference per seed with a bootstrap interval over the test problems; the teacher runs;
+Reads ROOT/<method>-seed<S>/result.json (pass@k, per-problem success counts) and, for the fresh students
+after the first, ROOT/<method>-seed<S>-student<J>/result.json (experiments/toy_table.py --students), then
+ROOT/soar-seed<S>/ and ROOT/intrinsic-seed<S>/metrics.jsonl (and ROOT/soar-seed<S>/edge.json where a run
+promoted), and writes to OUT
+    NAME.md         pass@k per method, mean +- SD over all its runs (seeds x students), and the share of
+                    runs that broke through (pass@32 above the same seed's base model); each claim of the
+                    paper as a paired difference per seed and over seeds, with a bootstrap interval over
+                    seeds, students and test problems (experiments/stats.py); the teacher runs;
                     a per-seed table of what each seed's runs did (promotions, inner students below their
                     baseline, the final student's edge, the teachers' questions at L >= 7 early and late,
                     where each reward points, the evaluation questions' answer key, whether each fresh
                     student learned its training mix)
-    NAME.json       the same numbers, per seed
+    NAME.json       the same numbers, per seed; results[method][seed] lists every run of that method and
+                    seed in student order (its result.json: pass@k, counts, ...; "student": J)
     RUN-metrics.jsonl, soar-seed<S>-edge.json   copies of the teacher runs' logs and edges
     *.png           the figures of experiments/plots.py: teacher reward (with moving average and
                     promotions), pass@k curves, the share of each difficulty L among the teacher's
@@ -36,17 +42,17 @@ RUN_DIR/metrics.jsonl alone, into RUN_DIR/report/ (or --out); it may run while t
 import argparse
 import glob
 import json
-import math
 import os
-import random
 import re
 import shutil
 import statistics
 
 try:  # python -m experiments.report; run as a file, experiments/ itself is on the path
     from experiments.plots import GROUNDED, mean_difficulty, plots, run_plots
+    from experiments.stats import paired_bootstrap, per_problem
 except ModuleNotFoundError:
     from plots import GROUNDED, mean_difficulty, plots, run_plots
+    from stats import paired_bootstrap, per_problem
 try:  # the toy world's answer key; importable only with the repository root on the path (python -m)
     from toy.task import difficulty as toy_difficulty, solve as toy_solve
 except ImportError:
@@ -67,12 +73,33 @@ METHODS = [("base", "base model"), ("hard-only", "Hard-Only"), ("soar-ps", "SOAR
            ("grounded-t", "Grounded-T"), ("base-t", "Base-T"), ("intrinsic-t", "Intrinsic-T")]
 
 
+def run_name(name):
+    """(method, seed, student) of a result directory's name <method>-seed<S>[-student<J>] (student 0 has
+    no suffix: the single run of a sweep without --students); None for any other name."""
+    m = re.fullmatch(r"(.+)-seed(\d+)(?:-student(\d+))?", name)
+    return m and (m.group(1), int(m.group(2)), int(m.group(3) or 0))
+
+
+def runs_of(root, method, file):
+    """[(seed, student, path)] of ROOT/<method>-seed<S>[-student<J>]/FILE, in seed then student order."""
+    out = []
+    for path in glob.glob(os.path.join(root, f"{method}-seed*", file)):
+        name = run_name(os.path.basename(os.path.dirname(path)))
+        if name and name[0] == method:
+            out.append((name[1], name[2], path))
+    return sorted(out)
+
+
 def collect(root):
+    """{method: {seed: [result.json of each run, in student order, with "student": J]}}. A root of a
+    sweep with one student per method and seed gives lists of one."""
     res = {}
     for path in glob.glob(os.path.join(root, "*-seed*", "result.json")):
-        m = re.fullmatch(r"(.+)-seed(\d+)", os.path.basename(os.path.dirname(path)))
-        res.setdefault(m.group(1), {})[int(m.group(2))] = json.load(open(path))
-    return res
+        name = run_name(os.path.basename(os.path.dirname(path)))
+        if name:
+            res.setdefault(name[0], {}).setdefault(name[1], []).append(dict(json.load(open(path)), student=name[2]))
+    return {m: {s: sorted(rs, key=lambda r: r["student"]) for s, rs in sorted(by_seed.items())}
+            for m, by_seed in sorted(res.items())}
 
 
 def fmt(xs):
@@ -86,28 +113,46 @@ def fmt(xs):
 PROMOTION_METHODS = {"soar-ps", "soar-pq"}  # they exist only where the SOAR run promoted
 
 
+def broke_through(res, key, seeds):
+    """'j of n (share)': how many of the method's runs on these seeds have pass@32 above the same seed's
+    base model ("-" for the base model itself, or without a base result for any of the seeds)."""
+    if key == "base":
+        return "-"
+    base = {s: rs[0]["pass@32"] for s, rs in res.get("base", {}).items() if rs and "pass@32" in rs[0]}
+    above = [r["pass@32"] > base[s] for s in seeds if s in base for r in res[key][s] if "pass@32" in r]
+    return f"{sum(above)} of {len(above)} ({100 * sum(above) / len(above):.0f}%)" if above else "-"
+
+
 def table(res, promotions=None):
-    """pass@k per method, mean ± SD over seeds. As in the paper, SOAR-PS and SOAR-PQ are averaged
-    over the runs that promoted (their number of promotions is in the per-seed table); a run that
-    never promoted has no PS or PQ of its own (its "PS" is the base student, its PQ empty), so it is
-    counted and shown, not averaged in."""
+    """pass@k per method, mean ± SD over all its runs (every fresh student of every seed), and how many
+    of them broke through: pass@32 above the base model's of the same seed. As in the paper, SOAR-PS
+    and SOAR-PQ are averaged over the seeds whose SOAR run promoted (their number of promotions is in
+    the per-seed table); a run that never promoted has no PS or PQ of its own (its "PS" is the base
+    student, its PQ empty), so it is counted and shown, not averaged in. The per-seed table gives each
+    seed's mean over its students, with their number n where there is more than one."""
     promotions = promotions or {}
-    lines = ["| method | seeds | " + " | ".join(f"pass@{k}" for k in KS) + " |",
-             "|---|---|" + "---|" * len(KS)]
+    lines = ["| method | seeds | runs | " + " | ".join(f"pass@{k}" for k in KS) + " | pass@32 above the base model's |",
+             "|---|---|---|" + "---|" * (len(KS) + 1)]
     for key, name in METHODS:
-        runs, seeds = res.get(key, {}), f"{len(res.get(key, {}))}"
-        if key in PROMOTION_METHODS and promotions and runs:
-            never = [s for s in runs if not promotions.get(s)]
-            runs = {s: r for s, r in runs.items() if promotions.get(s)}
-            seeds = f"{len(runs)} promoted" + (f" ({len(never)} never promoted, left out)" if never else "")
-        cells = [fmt([r[f"pass@{k}"] for r in runs.values() if f"pass@{k}" in r]) for k in KS]
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
-    seeds = sorted({s for runs in res.values() for s in runs})
-    lines += ["", "pass@32 per seed:", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---|" + "---|" * len(seeds)]
+        by_seed = res.get(key, {})
+        seeds, shown = sorted(by_seed), f"{len(by_seed)}"
+        if key in PROMOTION_METHODS and promotions and by_seed:
+            never = [s for s in seeds if not promotions.get(s)]
+            seeds = [s for s in seeds if promotions.get(s)]
+            shown = f"{len(seeds)} promoted" + (f" ({len(never)} never promoted, left out)" if never else "")
+        runs = [r for s in seeds for r in by_seed[s]]
+        cells = [fmt([r[f"pass@{k}"] for r in runs if f"pass@{k}" in r]) for k in KS]
+        lines.append(f"| {name} | {shown} | {len(runs)} | " + " | ".join(cells) +
+                     f" | {broke_through(res, key, seeds)} |")
+    seeds = sorted({s for by_seed in res.values() for s in by_seed})
+    lines += ["", "pass@32 per seed (the mean over the seed's fresh students; n: how many, where more than one):", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for key, name in METHODS:
-        runs = res.get(key, {})
-        cells = [f"{100 * runs[s]['pass@32']:.1f}" if s in runs and "pass@32" in runs[s] else "-" for s in seeds]
+        by_seed, cells = res.get(key, {}), []
+        for s in seeds:
+            xs = [r["pass@32"] for r in by_seed.get(s, []) if "pass@32" in r]
+            n = f" (n={len(xs)})" if len(xs) > 1 else ""
+            cells.append(f"{100 * statistics.mean(xs):.1f}{n}" if xs else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if promotions:
         lines.append("| SOAR run: promotions | " + " | ".join(str(promotions.get(s, "-")) for s in seeds) + " |")
@@ -120,19 +165,20 @@ def run_promotions(runs):
 
 
 def shared_questions(root):
-    """Per teacher method: how many of its evaluation questions equal Base-T's (same seed, same position).
+    """Per teacher method: how many of its evaluation questions equal Base-T's (same seed and student,
+    same position), summed over a seed's students.
 
     The same seed drives every teacher's sampler, so a teacher that has barely moved from the base
     model writes largely the same questions; this says how different the compared datasets really are."""
     out = {}
     for key in ("grounded-t", "intrinsic-t"):
-        for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "questions.jsonl"))):
-            seed = re.search(r"seed(\d+)", path).group(1)
-            base = os.path.join(root, f"base-t-seed{seed}", "questions.jsonl")
+        for seed, j, path in runs_of(root, key, "questions.jsonl"):
+            base = os.path.join(root, f"base-t-seed{seed}" + (f"-student{j}" if j else ""), "questions.jsonl")
             if os.path.exists(base):
                 qa = [json.loads(line).get("question") for line in open(path)]
                 qb = [json.loads(line).get("question") for line in open(base)]
-                out.setdefault(key, {})[seed] = [sum(x == y for x, y in zip(qa, qb)), len(qa)]
+                same, n = out.setdefault(key, {}).get(str(seed), [0, 0])
+                out[key][str(seed)] = [same + sum(x == y for x, y in zip(qa, qb)), n + len(qa)]
     return out
 
 
@@ -140,51 +186,17 @@ def shared_questions(root):
 CLAIMS = [("soar-pq", "hard-only"), ("soar-ps", "hard-only"), ("grounded-t", "base-t"), ("grounded-t", "intrinsic-t")]
 
 
-def per_problem(result, k):
-    """Each D_test problem's unbiased pass@k (1 - C(n-c, k) / C(n, k)), averaged over the evaluations the
-    result averaged (`counts`: one list per evaluation); None for a result written without counts."""
-    counts, n = result.get("counts"), result.get("samples")
-    if not counts or not n or k > n:
-        return None
-    at = lambda c: 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)  # noqa: E731
-    return [statistics.mean(at(ev[i]) for ev in counts) for i in range(len(counts[0]))]
-
-
 def paired(res, a, b, k, promotions=None, boots=10000, seed=0):
-    """The paired difference a - b in pass@k per seed, and its mean over seeds, each with a 95% percentile
-    bootstrap interval. A seed's interval resamples the test problems only (one resample of problem
-    indices serves every seed of a replicate, since every seed evaluates the same problems): it covers
-    the test set's sampling, not the training run's own variance. The mean's interval resamples the
-    seeds too (two levels: seeds with replacement, then problems), so a difference that flips between
-    seeds does not pass for significant; with few seeds it is wide, as it should be. PS and PQ count
-    only the seeds whose SOAR run promoted, as in the table."""
+    """The paired difference a - b in pass@k on the same test problems, per seed and its mean over seeds,
+    each with a 95% bootstrap interval (stats.paired_bootstrap: a seed's difference is the mean over a's
+    students minus the mean over b's, problem by problem; the intervals resample the seeds, each
+    method's students on their own, and the problems). PS and PQ count only the seeds whose SOAR run
+    promoted, as in the table. None without per-problem counts for both methods on some seed."""
     seeds = sorted(set(res.get(a, {})) & set(res.get(b, {})))
     if promotions and a in PROMOTION_METHODS:
         seeds = [s for s in seeds if promotions.get(s)]
-    diffs = {}
-    for s in seeds:
-        pa, pb = per_problem(res[a][s], k), per_problem(res[b][s], k)
-        if pa is not None and pb is not None and len(pa) == len(pb):
-            diffs[s] = [x - y for x, y in zip(pa, pb)]
-    if not diffs:
-        return None
-    n, rng, seed_rng = len(next(iter(diffs.values()))), random.Random(seed), random.Random(seed + 1)
-    reps = {s: [] for s in diffs}
-    reps["mean"] = []
-    for _ in range(boots):
-        idx = [rng.randrange(n) for _ in range(n)]
-        per = {s: sum(d[i] for i in idx) / n for s, d in diffs.items()}
-        for s, v in per.items():
-            reps[s].append(v)
-        reps["mean"].append(statistics.mean(per[seed_rng.choice(list(per))] for _ in per))
-
-    def ci(key, point):
-        xs = sorted(reps[key])
-        return {"diff": point, "lo": xs[int(0.025 * boots)], "hi": xs[int(0.975 * boots) - 1]}
-
-    out = {"seeds": {s: ci(s, statistics.mean(d)) for s, d in diffs.items()}}
-    out["mean"] = ci("mean", statistics.mean(statistics.mean(d) for d in diffs.values()))
-    return out
+    return paired_bootstrap({s: ([per_problem(r, k) for r in res[a][s]], [per_problem(r, k) for r in res[b][s]])
+                             for s in seeds}, boots, seed)
 
 
 def claims(res, promotions, ks=(1, 32)):
@@ -195,9 +207,9 @@ def claims(res, promotions, ks=(1, 32)):
 
 def claim_lines(found):
     """Markdown: each claim's paired difference per seed and over seeds, in points of pass@k."""
-    lines = ["| claim | k | seeds | per seed: difference [95% CI over problems] | mean over seeds [95% CI over seeds "
-             "and problems] | CI excludes 0 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| claim | k | seeds | runs | per seed: difference [95% CI over students and problems] | mean over seeds "
+             "[95% CI over seeds, students and problems] | CI excludes 0 |",
+             "|---|---|---|---|---|---|---|"]
     for claim, by_k in found.items():
         for k, p in by_k.items():
             if p is None:
@@ -206,7 +218,8 @@ def claim_lines(found):
             per = "; ".join(f"{s}: {f(c)}" for s, c in p["seeds"].items())
             m = p["mean"]
             sig = "yes, higher" if m["lo"] > 0 else "yes, lower" if m["hi"] < 0 else "no"
-            lines.append(f"| {claim} | {k} | {len(p['seeds'])} | {per} | {f(m)} | {sig} |")
+            runs = " vs ".join(map(str, p["runs"]))
+            lines.append(f"| {claim} | {k} | {len(p['seeds'])} | {runs} | {per} | {f(m)} | {sig} |")
     return lines if len(lines) > 2 else []
 
 
@@ -319,13 +332,16 @@ def seed_facts(root, teachers, teach, shared, answers):
         for key, per_seed in answers.items():
             for s, v in per_seed.items():
                 facts.setdefault(f"{dict(METHODS)[key]}: evaluation questions {what}", {})[int(s)] = pct(v[i])
-    for key, name in METHODS:  # did the fresh student learn its training mix? (first vs last 20 of its steps)
-        for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "curve.jsonl"))):
+    for key, name in METHODS:  # did the fresh students learn their training mix? (first vs last 20 of their steps)
+        learned = {}
+        for s, _, path in runs_of(root, key, "curve.jsonl"):
             acc = [json.loads(line).get("train_accuracy") for line in open(path)]
             if len(acc) >= 40 and None not in acc:
-                facts.setdefault(f"{name}: fresh student's training accuracy, first -> last 20 steps", {})[
-                    int(re.search(r"seed(\d+)", path).group(1))] = f"{pct(statistics.mean(acc[:20]))} -> " \
-                                                                    f"{pct(statistics.mean(acc[-20:]))}"
+                first, last = statistics.mean(acc[:20]), statistics.mean(acc[-20:])
+                learned.setdefault(s, []).append(f"{pct(first)} -> {pct(last)}")
+        if learned:  # one entry per student, in student order
+            facts[f"{name}: fresh student's training accuracy, first -> last 20 steps"] = \
+                {s: "; ".join(xs) for s, xs in learned.items()}
     return facts
 
 
@@ -366,13 +382,17 @@ def answers_per_step(root, prefix):
 
 
 def evaluation_answers(root):
-    """{method: {seed: [share of its evaluation questions answered right, share at L >= 7]}} (toy world)."""
-    out = {}
+    """{method: {seed: [share of its evaluation questions answered right, share at L >= 7]}} (toy world),
+    over the questions of all the seed's students."""
+    pairs, out = {}, {}
     for key in ("base-t", "grounded-t", "intrinsic-t"):
-        for path in sorted(glob.glob(os.path.join(root, f"{key}-seed*", "questions.jsonl"))):
-            k = answer_key([json.loads(line) for line in open(path)])
+        for seed, _, path in runs_of(root, key, "questions.jsonl"):
+            pairs.setdefault(key, {}).setdefault(str(seed), []).extend(json.loads(line) for line in open(path))
+    for key, per_seed in pairs.items():
+        for seed, ps in per_seed.items():
+            k = answer_key(ps)
             if k:
-                out.setdefault(key, {})[re.search(r"seed(\d+)", path).group(1)] = [round(x, 4) for x in k]
+                out.setdefault(key, {})[seed] = [round(x, 4) for x in k]
     return out
 
 
