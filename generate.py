@@ -357,11 +357,9 @@ def greedy(model, tok, prompts, max_new_tokens=512, batch_size=64):
 
 def sample_students(model, tok, jobs, n=1, temperature=1.0, top_p=1.0, max_new_tokens=512, batch_size=64,
                     greedy=False):
-    """Several LoRA students of model's baseline (engines/lora.py) at once. jobs: [(adapter, prompts,
-    seed)]; returns one list of Completions per job, what `sample` gives for that student alone with
-    that seed. --sampler vllm: one engine call, one LoRARequest per student. hf: one `sample` per
-    student in turn (a batched forward over the shared base with per-row adapters would save no
-    arithmetic on CPU, where a batch's cost grows with its rows: experiments/README.md, "LoRA students")."""
+    """LoRA students of model's baseline (engines/lora.py), jobs [(adapter, prompts, seed)]: per job what
+    `sample` gives that student alone. vllm: one engine call, a LoRARequest per student; hf: one `sample`
+    each (batching them measured no faster on CPU: experiments/README.md, "LoRA students")."""
     if _SAMPLER is not None:
         pids = [[tok(p)["input_ids"] for p in prompts] for _, prompts, _ in jobs]  # as in `sample`
         done = iter(_SAMPLER(model, None, stop_ids(model, tok), tok.eos_token_id, n=n, temperature=temperature,
@@ -373,8 +371,7 @@ def sample_students(model, tok, jobs, n=1, temperature=1.0, top_p=1.0, max_new_t
     was, out = lora.current(model), []
     try:
         for adapter, prompts, s in jobs:
-            lora.use(model, adapter)
-            out.append(sample(model, tok, prompts, n=n, temperature=temperature, top_p=top_p,
+            out.append(sample(lora.use(model, adapter), tok, prompts, n=n, temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, batch_size=batch_size, greedy=greedy, seed=s))
     finally:
         lora.use(model, was)
@@ -382,8 +379,7 @@ def sample_students(model, tok, jobs, n=1, temperature=1.0, top_p=1.0, max_new_t
 
 
 # -----------------------------------------------------------------------------
-# The sampler backend. Every stage samples through `sample` (above); which engine draws the
-# tokens is one choice per process, made by the --sampler flag of each command that samples:
+# The sampler backend: every stage samples through `sample`; --sampler picks the engine, once per process:
 #   hf    this file's samplers (the lean loop for Llama models, else HF `generate`); CPU or GPU;
 #   vllm  one vLLM engine in this process (CUDA, or vLLM's CPU build), fed the current HF weights in place.
 
