@@ -6,6 +6,7 @@ evaluate.py -- grading and measurement: answers, rewards, accuracy, pass@k, fail
     grade(completion, reference)          last \\boxed{} answer equal to the reference (Math-Verify; toy: as strings)
     shaped_reward(completion, reference)  the SOAR student reward 120 / 20 / 10 / 0
     greedy_accuracy(...)                  greedy 0/1 accuracy on a question set (the teacher's reward signal)
+    qr_accuracy(...)                      that, or mean sampled success (--reward-samples): the measure on Q_R
     pass_at_k(n, c, k)                    the unbiased estimator 1 - C(n-c, k) / C(n, k)
     fail_at_k(...)                        success counts over k samples; zero-success problems are "hard"
 
@@ -291,13 +292,25 @@ def greedy_accuracy(model, tok, problems, style="math", max_new_tokens=1024, bat
     return (acc, hits, comps) if return_all else acc
 
 
-def greedy_accuracies(model, tok, adapters, problems, style="math", max_new_tokens=1024, batch_size=64):
-    """greedy_accuracy of each LoRA student (engines/lora.py) of model's baseline, in one sampler call."""
+def qr_accuracy(model, tok, problems, style="math", max_new_tokens=1024, samples=0, seed=0, batch_size=64):
+    """Acc(theta, Q_R), the grounded reward's measure. samples 0: greedy_accuracy (the paper's); K > 0:
+    mean sampled success, the share of K draws per problem at temperature 1 that are right, drawn with
+    `seed` so that every student of a step is scored on the same random numbers (soar.py --reward-samples)."""
+    if not samples:
+        return greedy_accuracy(model, tok, problems, style, max_new_tokens, batch_size)
+    return qr_accuracies(model, tok, None, problems, style, max_new_tokens, samples, seed, batch_size)
+
+
+def qr_accuracies(model, tok, adapters, problems, style="math", max_new_tokens=1024, samples=0, seed=0, batch_size=64):
+    """qr_accuracy of each LoRA student (engines/lora.py) of model's baseline, in one sampler call;
+    adapters None: of model as it is (one number, drawn by `sample`)."""
     pairs = [(p["problem"], p["answer"]) if isinstance(p, dict) else p for p in problems]
-    prompts = [student_prompt(q, style) for q, _ in pairs]
-    outs = sample_students(model, tok, [(ad, prompts, 0) for ad in adapters], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, greedy=True)
-    return [sum(grade(c.text, a, style=style) for c, (_, a) in zip(comps, pairs)) / max(1, len(pairs)) for comps in outs]
+    prompts, n, kw = [student_prompt(q, style) for q, _ in pairs], max(1, samples), dict(greedy=not samples)
+    kw.update(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outs = [sample(model, tok, prompts, n, seed=seed, **kw)] if adapters is None else \
+        sample_students(model, tok, [(ad, prompts, seed) for ad in adapters], n=n, **kw)
+    accs = [sum(grade(c.text, pairs[i // n][1], style=style) for i, c in enumerate(cs)) / max(1, len(cs)) for cs in outs]
+    return accs[0] if adapters is None else accs
 
 
 def success_counts(model, tok, problems, k, style="math", temperature=1.0, max_new_tokens=1024, batch_size=64,

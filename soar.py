@@ -13,7 +13,8 @@ and the teacher is rewarded by the students' measured gain on real problems they
 
 One outer step t (the SOAR paper, arXiv 2601.18778, its algorithm):
   1. teacher sampling with rejection -> g datasets of n valid (question, answer) pairs;
-  2. Q_R: M questions drawn fresh from D_train; baseline student's greedy accuracy on it;
+  2. Q_R: M questions drawn fresh from D_train; baseline student's greedy accuracy on it (or, with
+     --reward-samples K, its mean success over K samples per question: a deviation);
   3. inner loop: for each dataset k and repeat j, a copy of the baseline student trained with
      RLOO for S steps on X_k; R_kj = its greedy accuracy on Q_R minus the baseline's; R_k = mean_j;
   4. promotion: if the moving average of R_hat = mean_k R_k over the last w steps exceeds tau,
@@ -45,7 +46,7 @@ import time
 import torch
 
 from engines import lora
-from evaluate import get_verifier, greedy_accuracy
+from evaluate import get_verifier, greedy_accuracy, qr_accuracy
 from generate import (BUILTIN_STYLES, STUDENT_PROMPTS, HelpFormatter, add_style, model_style, precision, save_model,
                       teacher_prompt, use_prompt_files)
 from train_student import RLConfig, frozen_copy, make_optimizer
@@ -69,6 +70,7 @@ PRESETS = {
         student_lr=3e-4, student_kl=0.001, student_questions=8, student_group=8, student_max_new_tokens=120,
         temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=2, micro_batch=32,
         dtype="fp32", sampler="hf", vllm_memory=0.3, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE,
+        reward_samples=0,
     ),
     "paper": dict(
         model="meta-llama/Llama-3.2-3B-Instruct", style="math", hard_train=None, hard_test=None,
@@ -78,6 +80,7 @@ PRESETS = {
         student_lr=1e-5, student_kl=0.001, student_questions=8, student_group=32, student_max_new_tokens=1024,
         temperature=1.0, top_p=1.0, max_teacher_rounds=20, threads=0, micro_batch=8,
         dtype="bf16", sampler="vllm", vllm_memory=0.3, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE,
+        reward_samples=0,
     ),
 }
 # keys that may differ between a run and its resumption (--log only writes beside the run: turn it on to watch the rest)
@@ -136,6 +139,9 @@ def parse_args(argv=None):
     flag(g, "--n", "question-answer pairs per dataset", type=int)
     flag(g, "--r", "students trained per dataset (repeats)", type=int)
     flag(g, "--m", "reward questions Q_R drawn from D_train each step (at most all of D_train)", type=int)
+    flag(g, "--reward-samples", "Acc on Q_R: 0 greedy 0/1 accuracy (the paper's); K > 0 mean sampled success, K draws "
+                                "per question at temperature 1, the same seed for baseline and students (a deviation)",
+         type=int, metavar="K")
     flag(g, "--tau", "promotion threshold on the moving average of R_hat", type=float)
     flag(g, "--window", "moving-average window w (outer steps)", type=int)
     flag(g, "--reward", "teacher reward: grounded (SOAR; default) or learnability (the Intrinsic-T baseline)",
@@ -194,7 +200,8 @@ def parse_args(argv=None):
             ap.error(f"--resume {a.resume}: flags contradict the run's config.json: "
                      + ", ".join(f"{k} (run: {cfg.get(k)!r}, now: {given[k]!r})" for k in diff))
         for k, v in dict(workers=0, ray_address=None, dtype="fp32", sampler="hf", vllm_memory=0.3, log="none",
-                         teacher_snapshots=0, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE).items():
+                         teacher_snapshots=0, student_lora=0, teacher_lora=0, lora_lr_scale=lora.LR_SCALE,
+                         reward_samples=0).items():
             cfg.setdefault(k, v)  # runs saved before these flags existed
         cfg.update(given)
         cfg["out"] = a.resume
@@ -233,7 +240,8 @@ def parse_args(argv=None):
     if cfg["style"] not in BUILTIN_STYLES:
         cfg["teacher_prompt"], cfg["student_prompt"] = teacher_prompt(cfg["style"]), STUDENT_PROMPTS[cfg["style"]]
     for k, lo in [("workers", 0), ("g", 2), ("r", 1), ("n", 1), ("m", 1), ("window", 1), ("steps", 0), ("inner_steps", 1),
-                  ("student_group", 2), ("teacher_snapshots", 0), ("student_lora", 0), ("teacher_lora", 0)]:
+                  ("student_group", 2), ("teacher_snapshots", 0), ("student_lora", 0), ("teacher_lora", 0),
+                  ("reward_samples", 0)]:
         if cfg[k] < lo:
             ap.error(f"--{k.replace('_', '-')} must be >= {lo} (got {cfg[k]})")
     if cfg["tau"] < 0:
@@ -310,7 +318,8 @@ def main(argv=None):
     scfg = RLConfig(lr=s_lr, kl_coef=cfg["student_kl"], questions=cfg["student_questions"],
                     group=cfg["student_group"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                     max_new_tokens=cfg["student_max_new_tokens"], micro_batch=cfg["micro_batch"],
-                    sample_batch=cfg["sample_batch"], style=cfg["style"], dtype=cfg["dtype"])
+                    sample_batch=cfg["sample_batch"], style=cfg["style"], dtype=cfg["dtype"],
+                    eval_samples=cfg["reward_samples"])
     state = dict(step=0, history=[], window=[], promotions=0, inner_steps=cfg["inner_steps"], pq=[])
     if cfg.get("resume"):
         state = restore(cfg, teacher, student, t_opt, t_sched, state)
@@ -338,7 +347,8 @@ def main(argv=None):
                 # 2. fresh reward questions, baseline accuracy
                 qr = rng.sample(hard, min(cfg["m"], len(hard)))
                 with mixed:
-                    base_acc = greedy_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"])
+                    base_acc = qr_accuracy(student, tok, qr, cfg["style"], cfg["student_max_new_tokens"],
+                                           cfg["reward_samples"], seed * 1_000_003 + t)
                 # 3. inner loop: g x r students
                 try:
                     results, best = grounded_rewards(student, tok, datasets, qr, base_acc, cfg["r"],

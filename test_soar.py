@@ -158,6 +158,49 @@ def test_toy_answers_are_graded_as_digit_strings(tiny_loaded, monkeypatch):
         assert train_teacher.learnability_rewards(model, tok, data, 4, train_student.RLConfig(style=style)) == [want]
 
 
+def test_reward_samples_score_q_r_by_mean_sampled_success(tiny_loaded, monkeypatch):
+    """--reward-samples K: Acc on Q_R is the share of K draws per question that are right, each
+    question's draws graded against its own answer (the draws come prompt-major), all drawn with
+    the one seed given; K = 0 stays the greedy 0/1 accuracy."""
+    model, tok = tiny_loaded
+    right = {"q1": 1, "q2": 3, "q3": 0}  # of K = 4 draws, the first `right` are right
+    seeds = []
+
+    def fake(model, tok, prompts, n=1, seed=None, **kw):
+        seeds.append(seed)
+        q = lambda p: next(k for k in right if k in p)  # noqa: E731
+        return [completion(tok, p, r"\boxed{%s}" % ("1234" if i < right[q(p)] else "9999")) for p in prompts for i in range(n)]
+
+    monkeypatch.setattr(evaluate, "sample", fake)
+    monkeypatch.setattr(evaluate, "greedy", lambda model, tok, prompts, *a, **k: fake(model, tok, prompts))
+    pairs = [(q, "1234") for q in right]
+    assert evaluate.qr_accuracy(model, tok, pairs, "toy", samples=4, seed=17) == 4 / 12 and seeds == [17]
+    assert evaluate.qr_accuracy(model, tok, pairs, "toy") == 2 / 3  # greedy: the first draw of each, q1 and q2
+    assert evaluate.qr_accuracy(model, tok, pairs[1:], "toy", samples=2, seed=3) == 2 / 4
+
+
+def test_soar_reward_samples_scores_baseline_and_students_on_one_seed(tiny, tmp_path, monkeypatch):
+    """soar.py --reward-samples 3: the baseline and every inner student of a step are scored by
+    sampled success with K = 3 and the same seed (common random numbers); the seed changes with the
+    step; the flag is saved with the run."""
+    calls = []
+
+    def spy(real, who):
+        def wrapped(model, tok, qs, style, max_new_tokens, samples=0, seed=0, *a, **k):
+            calls.append((who, samples, seed))
+            return real(model, tok, qs, style, max_new_tokens, samples, seed, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(soar, "qr_accuracy", spy(evaluate.qr_accuracy, "baseline"))
+    monkeypatch.setattr(train_teacher, "qr_accuracy", spy(evaluate.qr_accuracy, "student"))
+    out = tmp_path / "run"
+    nudged_soar_main(tiny_soar_args(tiny, toy_file(tmp_path / "hard.jsonl", 6, 4), out) + ["--reward-samples", "3"])
+    assert json.load(open(out / "config.json"))["reward_samples"] == 3
+    assert [w for w, _, _ in calls] == (["baseline"] + ["student"] * 4) * 2 and {k for _, k, _ in calls} == {3}
+    step_seeds = [{s for _, _, s in calls[5 * t:5 * t + 5]} for t in range(2)]
+    assert all(len(s) == 1 for s in step_seeds) and step_seeds[0] != step_seeds[1]
+
+
 def test_verifier_time_bound_off_main_thread():
     v = evaluate.Verifier(timeout=1.0)
     assert v.equal("2", "2") and not v.equal("2", "3")  # warm the child
@@ -352,7 +395,7 @@ def test_grounded_rewards_argmax_and_students(monkeypatch):
         return s
 
     monkeypatch.setattr(train_teacher, "train", fake_train)
-    monkeypatch.setattr(train_teacher, "greedy_accuracy", lambda s, *a, **k: table[s.tag])
+    monkeypatch.setattr(train_teacher, "qr_accuracy", lambda s, *a, **k: table[s.tag])
     student = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         student.weight.fill_(-1.0)
@@ -551,7 +594,7 @@ def test_inner_students_share_nothing_and_leave_the_baseline_alone(tiny_loaded, 
     # a reward with signal for a random model (it writes no boxed answer): its characters' codes mod 3
     monkeypatch.setattr(train_student, "shaped_reward", lambda text, ref, **kw: float(sum(map(ord, text)) % 3))
     fingerprint = lambda s: sum(p.double().sum().item() for p in s.parameters())  # noqa: E731
-    monkeypatch.setattr(train_teacher, "greedy_accuracy", lambda s, *a, **k: fingerprint(s))  # R_kj: how far it moved
+    monkeypatch.setattr(train_teacher, "qr_accuracy", lambda s, *a, **k: fingerprint(s))  # R_kj: how far it moved
     cfg = train_student.RLConfig(lr=1e-2, kl_coef=0.01, questions=2, group=2, max_new_tokens=6, style="toy")
     data = lambda qs: [(None, q, "1") for q in qs]  # noqa: E731
     runs = []
@@ -2031,6 +2074,45 @@ def test_signal_anova_by_hand():
     assert anova([[1, 1], [3, 3]])[2] == float("inf")  # no spread within: all of it is between datasets
 
 
+def test_signal_compare_samples_scores_the_same_students_both_ways(toy_misses, tmp_path, monkeypatch):
+    """experiments.reward_signal --compare-samples 2 rescoring its trained students by sampled success
+    gives the R_kj that --reward-samples 2 gives, where grounded_rewards scores each student inside;
+    every draw of a probe (baseline, students, both measures) has the probe's seed."""
+    from experiments import reward_signal
+
+    seeds, real = [], evaluate.qr_accuracy
+    spy = lambda *a, **k: seeds.append(a[6] if len(a) > 6 else k.get("seed", 0)) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(reward_signal, "qr_accuracy", spy)
+    monkeypatch.setattr(train_teacher, "qr_accuracy", spy)
+    args = ["--hard-train", toy_misses, "--g", "2", "--r", "2", "--n", "2", "--m", "6", "--inner-steps", "1",
+            "--student-lr", "3e-3", "--student-max-new-tokens", "100", "--teacher-max-new-tokens", "100", "--seed", "3"]
+    got = {}
+    for name, extra in (("both", ["--compare-samples", "2"]), ("sampled", ["--reward-samples", "2"])):
+        reward_signal.main(args + extra + ["--out", str(tmp_path / name)])
+        got[name] = json.load(open(tmp_path / name / "signal.json"))
+    both, sampled = got["both"], got["sampled"]
+    assert both["compare"]["r_kj"] == sampled["r_kj"] and both["compare"]["base_acc"] == sampled["base_acc"]
+    assert any(x != 0 for row in sampled["r_kj"] for x in row)  # the students moved: the check has teeth
+    assert both["reward_samples"] == 0 and sampled["reward_samples"] == 2
+    assert len(seeds) == (2 + 2 * 4) + (1 + 4) and set(seeds) == {3}  # both: 2 baselines, 4 students x 2; sampled
+
+
+def test_teacher_drift_rewards_carry_the_stated_signal(tmp_path):
+    """experiments.teacher_drift: R_k = signal x the dataset's L 8-9 share + noise (noise 0: exactly the
+    share), and the teacher is updated on them (its KL to the base moves off 0)."""
+    from experiments import teacher_drift
+
+    assert teacher_drift.share_hard([(None, "2*1-1-7-6+1-0-6*0", "x"), (None, "1+2", "y"), (None, "no", "z")]) == 1 / 3
+    out = tmp_path / "drift"
+    teacher_drift.main(["--steps", "2", "--g", "2", "--n", "4", "--signal", "2", "--out", str(out), "--teacher-lr", "1e-3"])
+    rows = [json.loads(line) for line in open(out / "drift.jsonl")]
+    samples = [json.loads(line) for line in open(out / "datasets.jsonl")]
+    for r in rows:
+        qs = [[q for q, _ in d] for d in samples[r["step"]]["datasets"]]
+        assert r["rewards"] == [2 * sum(8 <= (task.difficulty(q) or 0) <= 9 for q in d) / len(d) for d in qs]
+    assert rows[1]["teacher_kl"] > 0 and json.load(open(out / "summary.json"))["last10_kl"] > 0
+
+
 # ----------------------------------------------------------------------------- vLLM on the real engine
 # Tests marked vllm start real vLLM 0.30.0 engines in this process, built as --sampler vllm builds
 # them (engines/vllm_sampler.build_engine). They run where vllm is installed; CI installs vLLM's
@@ -2397,7 +2479,8 @@ def test_lora_merge_promote_and_peft_round_trip(tiny, tmp_path, monkeypatch):
 
 
 def test_lora_students_in_lockstep_equal_one_at_a_time(toy_loaded, toy_misses):
-    """grounded_rewards with LoRA students on the toy model, really sampled and graded: in lockstep
+    """grounded_rewards with LoRA students on the toy model, really sampled and graded (Q_R by mean
+    sampled success, --reward-samples 2): in lockstep
     (all g*r advance together, each step's batches in one sampler call) and one at a time (train()),
     the rewards, health counts and trained adapters are the same; they learnt (the rewards differ),
     and the baseline is left as it was, plain."""
@@ -2409,7 +2492,7 @@ def test_lora_students_in_lockstep_equal_one_at_a_time(toy_loaded, toy_misses):
     data = [[(None, p["problem"], p["answer"]) for p in evaluate.load_problems(toy_misses)[8 * k + 8:8 * k + 12]]
             for k in range(2)]
     cfg = train_student.RLConfig(lr=3e-3, kl_coef=0.001, questions=2, group=4, max_new_tokens=100, style="toy",
-                                 sample_batch=16)
+                                 sample_batch=16, eval_samples=2)  # Q_R scored by sampled success (greedy: the Ray test)
     outs = []
     for lockstep in (True, False):
         torch.manual_seed(123 if lockstep else 456)  # the global RNG plays no part

@@ -56,6 +56,7 @@ class RLConfig:
     sample_batch: int = 64         # sequences per generate call
     style: str = "math"            # prompt wording (generate.STUDENT_PROMPTS)
     dtype: str = "fp32"            # "bf16": bf16 autocast over fp32 weights, bf16 frozen reference (generate.precision)
+    eval_samples: int = 0          # an inner student's Acc on Q_R: 0 greedy (the paper's), K mean success of K draws
 
 
 @dataclass

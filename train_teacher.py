@@ -7,6 +7,9 @@ For each teacher dataset X_k (n synthetic question-answer pairs):
                                                        S RLOO steps on X_k (repeat j = 1..r)
     R_k  = mean_j R_kj                                 (the grounded reward)
 
+Acc is greedy 0/1 accuracy (the paper's), or with RLConfig.eval_samples = K (soar.py --reward-samples)
+the mean success of K draws per question, baseline and students drawn with the step's one seed.
+
 The teacher then takes one policy-gradient step with RLOO over the g datasets:
 A_k = R_k - mean_{j != k} R_j, and every one of the n completions in X_k gets A_k.
 The update reuses train_student.policy_gradient_step, so there is one PG code path.
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engines import lora
-from evaluate import get_verifier, grade, greedy_accuracies, greedy_accuracy, load_problems, teacher_pair
+from evaluate import get_verifier, grade, greedy_accuracy, load_problems, qr_accuracies, qr_accuracy, teacher_pair
 from generate import (HelpFormatter, add_prompt_args, add_sampler_args, load_model, load_tokenizer, precision,
                       resolve_style, sample, sample_students, save_model, student_prompt, teacher_prompt, use_sampler)
 from train_student import (Episode, RLConfig, draw_batch, frozen_copy, learn, make_optimizer, next_seed,
@@ -135,7 +138,8 @@ def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
             try:
                 train(student, tok, pairs, steps, cfg, rng=rng, on_step=count, seeds=gen)
                 with precision(cfg.dtype, next(student.parameters()).device):
-                    acc = greedy_accuracy(student, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+                    acc = qr_accuracy(student, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens,
+                                      cfg.eval_samples, seed)
             finally:
                 lora.use(student, None)
         return acc, health, ad.state()
@@ -144,7 +148,8 @@ def _train_inner_student(student, tok, pairs, reward_qs, steps, cfg, seed, k, j,
         torch.manual_seed(seed * 100_003 + k * 1009 + j)
         train(s, tok, pairs, steps, cfg, rng=random.Random(seed * 7919 + k * 31 + j), on_step=count)
         with precision(cfg.dtype, next(s.parameters()).device):
-            acc = greedy_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens)
+            acc = qr_accuracy(s, tok, reward_qs, cfg.style, eval_max_new_tokens or cfg.max_new_tokens,
+                              cfg.eval_samples, seed)
     state, copies = {}, {}
     for n, t in s.state_dict().items():  # tied weights (embedding = lm_head) are copied once
         key = (t.data_ptr(), t.shape)
@@ -264,8 +269,8 @@ def _lockstep_rewards(student, tok, datasets, reward_qs, base_acc, repeats, step
     with _attached(student, lora_rank), _threads(threads):
         health = train_lockstep(student, tok, students, steps, cfg)
         with precision(cfg.dtype, next(student.parameters()).device):
-            accs = greedy_accuracies(student, tok, [s[0] for s in students], reward_qs, cfg.style,
-                                     eval_max_new_tokens or cfg.max_new_tokens)
+            accs = qr_accuracies(student, tok, [s[0] for s in students], reward_qs, cfg.style,
+                                 eval_max_new_tokens or cfg.max_new_tokens, cfg.eval_samples, seed)
     results, best = [], None
     for k in range(len(datasets)):
         ids = range(k * repeats, (k + 1) * repeats)
