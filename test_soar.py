@@ -2072,6 +2072,14 @@ def test_signal_anova_by_hand():
     between, within, f = anova([[0, 0, 0], [0, 0, 2], [0, 0, 2], [0, 1, 0]])
     assert (between, within) == (pytest.approx(11 / 36), pytest.approx(0.75)) and f < 1
     assert anova([[1, 1], [3, 3]])[2] == float("inf")  # no spread within: all of it is between datasets
+    # pooled over two probes: the summed mean squares' ratio, not the mean of the two F
+    from experiments.reward_signal import pooled
+
+    probes = [dict(g=2, r=2, ms_between=b, ms_within=w, students_below=1, students_gained=2) for b, w in ((4, 1), (0, 3))]
+    got = pooled(probes)
+    assert got["greedy"]["f"] == 1.0 and got["greedy"]["df"] == (2, 4) and "sampled" not in got
+    with pytest.raises(ValueError, match="share"):
+        pooled([probes[0], dict(probes[1], r=3)])
 
 
 def test_signal_compare_samples_scores_the_same_students_both_ways(toy_misses, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ the spread between repeats of one dataset. Run it from the repository root:
     python -m experiments.reward_signal --student runs/soar/student --inner-steps 30 --out runs/signal/ps  # a promoted student
     python -m experiments.reward_signal --student-lora 4 --out runs/signal/lora4   # LoRA students, in lockstep
     python -m experiments.reward_signal --compare-samples 8 --out runs/signal/k8    # greedy and sampled Acc, same students
+    python -m experiments.reward_signal --pool runs/signal/*/signal.json            # their F, pooled over probes
 
 The teacher's RLOO step sees only R_k. If the R_kj of one dataset spread as much as the R_k of
 different datasets, R_k is mostly the noise of the inner training, and the teacher cannot learn
@@ -52,12 +53,31 @@ def anova(rkj):
     return ms_between, ms_within, (ms_between / ms_within if ms_within > 0 else float("inf"))
 
 
+def pooled(results):
+    """F pooled over probes (each a signal.json's dict, its own datasets, one g and r): the summed mean
+    squares between datasets over the summed mean squares within, with their degrees of freedom; for
+    greedy Acc and, where the probes have it, the --compare-samples measure."""
+    g, r = results[0]["g"], results[0]["r"]
+    if any((x["g"], x["r"]) != (g, r) for x in results):
+        raise ValueError("pooled probes must share --g and --r")
+    out = {}
+    for name, part in (("greedy", lambda x: x), ("sampled", lambda x: x.get("compare"))):
+        parts = [part(x) for x in results]
+        if all(parts):
+            b, w = sum(p["ms_between"] for p in parts), sum(p["ms_within"] for p in parts)
+            out[name] = dict(f=b / w if w > 0 else float("nan"), df=(len(parts) * (g - 1), len(parts) * g * (r - 1)),
+                             below=sum(p["students_below"] for p in parts), gained=sum(p["students_gained"] for p in parts),
+                             students=len(parts) * g * r)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.reward_signal", description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=os.path.join(HERE, "toy", "model"), help="base model: teacher and student")
     ap.add_argument("--student", help="baseline student (default: --model), e.g. a run's promoted student")
     ap.add_argument("--hard-train", default=os.path.join(HERE, "toy", "hard", "train.jsonl"), help="D_train JSONL")
-    ap.add_argument("--out", required=True, help="result directory")
+    ap.add_argument("--out", help="result directory (required unless --pool)")
+    ap.add_argument("--pool", nargs="+", metavar="SIGNAL_JSON", help="only print the pooled F of these probes' results")
     ap.add_argument("--g", type=int, default=4, help="teacher datasets")
     ap.add_argument("--n", type=int, default=16, help="questions per dataset")
     ap.add_argument("--r", type=int, default=3, help="students per dataset (repeats); >= 2")
@@ -77,6 +97,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draw, Q_R and the students")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the toy preset's)")
     a = ap.parse_args(argv)
+    if a.pool:
+        res = pooled([json.load(open(p)) for p in a.pool])
+        for name, x in res.items():
+            print(f"{name}: pooled F = {x['f']:.2f} (df {x['df'][0]}, {x['df'][1]}); {x['gained']} of {x['students']} "
+                  f"students gained, {x['below']} below their baseline")
+        return res
+    if not a.out:
+        ap.error("--out is required (unless --pool)")
     if a.r < 2 or a.g < 2:
         ap.error("--g and --r must be >= 2: the spreads need two of each")
     if a.compare_samples and (a.student_lora or a.compare_samples < 0):
