@@ -2065,6 +2065,43 @@ def test_tau_null_is_the_mean_of_w_draws_and_needs_a_null_run(tmp_path):
         tau_null.main(["--run", str(run)])
 
 
+def test_tau_null_drift_inputs_by_hand():
+    """tau_null.drift_inputs: R_k's deviation from its own step's mean, regressed on dataset k's L 8-9
+    share (two datasets of 2 questions per step). Step 0: shares 1, 0, rewards 0.03, 0.01 -> deviations
+    +0.01, -0.01; step 1: shares 0.5, 0.5, rewards 0.5, 0.5 (a high step mean, removed) -> 0, 0. Shares
+    1, 0, .5, .5 (mean .5, variance 1/8), covariance with the deviations (0.005 + 0.005) / 4 = 0.0025:
+    slope 0.02, and the deviations lie on that line (correlation 1); a reward not centred per step
+    would give another slope."""
+    from experiments.tau_null import drift_inputs
+
+    rows = [dict(rewards=[0.03, 0.01], difficulty=[8, 9, 3, None]),
+            dict(rewards=[0.5, 0.5], difficulty=[9, 2, 8, 1])]
+    di = drift_inputs(rows)
+    assert di["datasets"] == 4 and di["slope"] == pytest.approx(0.02) and di["corr"] == pytest.approx(1.0)
+    assert di["share_mean"] == pytest.approx(0.5) and di["dev_sd"] == pytest.approx((0.0002 / 3) ** 0.5)
+    assert drift_inputs([dict(rewards=[0.1, 0.2], difficulty=None)]) is None  # not the toy world
+
+
+def test_sweep_primary_two_level_by_hand():
+    """experiments.sweep.two_level: the mean over seeds of (a seed's Grounded-T value - Base-T's), with
+    seeds and then datasets resampled. Constant gains leave only the seeds' spread: seeds at +0.1 and
+    +0.3 against a Base-T at +0.1 give +0.1, with an interval from 0 (seed 0 drawn twice) to +0.2."""
+    from experiments.sweep import two_level, units
+
+    one = two_level({0: [0.2, 0.2]}, [0.1, 0.1, 0.1], boots=200)
+    assert one["diff"] == pytest.approx(0.1) and one["lo"] == pytest.approx(0.1) and one["hi"] == pytest.approx(0.1)
+    two = two_level({0: [0.1] * 4, 1: [0.3] * 4}, [0.1] * 8, boots=2000)
+    assert two["diff"] == pytest.approx(0.1) and two["lo"] == pytest.approx(0.0) and two["hi"] == pytest.approx(0.2)
+    noisy = two_level({0: [0.0, 0.4]}, [0.1] * 8, boots=2000)  # one seed: the datasets' spread alone
+    assert noisy["lo"] == pytest.approx(-0.1) and noisy["hi"] == pytest.approx(0.3)
+    todo = units("R")
+    names = [n for n, _, _ in todo]
+    assert len(set(names)) == len(names) and names[0] == "base-t-value"
+    cmd = dict((n, c) for n, _, c in todo)
+    assert cmd["grounded-t-seed2-student1"][cmd["grounded-t-seed2-student1"].index("--seed") + 1] == "1002"
+    assert all(c[c.index("--steps") + 1] == "30" for n, _, c in todo if c[1] == "soar.py")
+
+
 def test_signal_anova_by_hand():
     from experiments.reward_signal import anova
 

@@ -113,7 +113,7 @@ def main(argv=None):
     ap.add_argument("--g", type=int, default=4, help="teacher datasets")
     ap.add_argument("--r", type=int, default=3, help="students per dataset")
     ap.add_argument("--inner-steps", type=int, default=20, help="S (the toy preset's)")
-    ap.add_argument("--student-lr", type=float, default=3e-4, help="full-FT learning rate (the toy preset's)")
+    ap.add_argument("--student-lr", type=float, default=3e-4, help="full-FT learning rate (the earlier toy preset's, which the committed LoRA results used)")
     ap.add_argument("--lora-lr-scale", type=lambda s: [float(x) for x in s.split(",")], default=[10.0],
                     help="LoRA lr = this x --student-lr (soar.py's default: 10); several: each rank at each")
     ap.add_argument("--skip-full", action="store_true", help="no full-fine-tuning row")

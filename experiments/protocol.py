@@ -144,8 +144,8 @@ def main(argv=None):
                                  "gives the base model, prompt style, D_train and D_test unless set below")
     g.add_argument("--teacher", help="teacher: the teacher checkpoint (required for teacher)")
     g.add_argument("--base", help="fresh students start here (default: the run's base model, else toy/model)")
-    g.add_argument("--train", help="D_train JSONL (default: the run's, else the toy preset's, toy/hard/train.jsonl)")
-    g.add_argument("--test", help="D_test JSONL (default: the run's, else the toy preset's, toy/hard/test.jsonl)")
+    g.add_argument("--train", help="D_train JSONL (default: the run's, else the toy preset's, toy/hard-large/train.jsonl)")
+    g.add_argument("--test", help="D_test JSONL (default: the run's, else the toy preset's, toy/hard-large/test.jsonl)")
     g.add_argument("--style", choices=sorted(STUDENT_PROMPTS), default=None,
                    help="prompt wording (default: the run's, else the soar.json in the directory of the model "
                         "that answers: --model for passk, the promoted student for ps, --base otherwise; "
@@ -180,13 +180,13 @@ def main(argv=None):
     g.add_argument("--after", type=int, default=30,
                    help="steps after the checkpoint whose test evaluations are averaged (the paper: 200)")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak AdamW learning rate (default: the run's student_lr, else the toy preset's, 3e-4; "
+                   help="peak AdamW learning rate (default: the run's student_lr, else the toy preset's, 1e-4; "
                         "the paper: 1e-5, its inner students' rate)")
     g.add_argument("--warmup", type=int, default=2,
                    help="linear learning-rate warmup steps, then cosine decay to zero over --steps. The paper's "
                         "hyperparameter table warms up over 20 steps and leaves the warmup out only in SOAR's "
                         "inner loop; fresh students are trained outside it, so they warm up. 2 is the paper's 20 "
-                        "scaled as soar.py's toy preset scales the teacher's warmup (20 -> 2). The committed "
+                        "scaled down to the toy world's 60-step students. The committed "
                         "experiments/results predate this flag and were made with 0")
     g.add_argument("--kl-coef", type=float, default=0.001, help="k3 KL coefficient to the frozen base student")
     g.add_argument("--questions", type=int, default=8, help="questions per RLOO step (the paper: 8)")

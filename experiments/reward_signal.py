@@ -83,7 +83,7 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=3, help="students per dataset (repeats); >= 2")
     ap.add_argument("--m", type=int, default=0, help="reward questions Q_R (0: all of D_train)")
     ap.add_argument("--inner-steps", type=int, default=20, help="S, RLOO steps per student (the toy preset's)")
-    ap.add_argument("--student-lr", type=float, default=3e-4, help="inner students' learning rate (the toy preset's)")
+    ap.add_argument("--student-lr", type=float, default=3e-4, help="inner students' learning rate (the earlier toy preset's; the preset now uses 1e-4)")
     ap.add_argument("--student-lora", type=int, default=0, metavar="RANK",
                     help="LoRA students of this rank, trained in lockstep (soar.py's flag); 0: full copies")
     ap.add_argument("--lora-lr-scale", type=float, default=10.0,

@@ -16,7 +16,7 @@ them. It measures a teacher, not a run: the student is always the base one, neve
 and nothing here changes the teacher. D_test is what it is scored on, so no setting is ever chosen
 by it (choose them on probes that score D_train).
 
-Defaults are the toy preset's inner loop (S = 20, n = 16, lr 3e-4, 8 questions x 8 samples per step),
+Defaults are the toy preset's inner loop (S = 20, n = 16, lr 1e-4, 8 questions x 8 samples per step),
 or the measured run's (--run). Each teacher's result goes to OUT/step{NNN}.json (with --teacher:
 OUT/result.json); one that exists is skipped, so a stopped measurement continues.
 """

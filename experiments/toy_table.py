@@ -126,7 +126,7 @@ def main(argv=None):
                     help="fresh students per method and seed (Hard-Only, SOAR-PQ and the three teachers); student j "
                          "trains with protocol --seed SEED + 1000 j; 1: the committed sweep's single student")
     ap.add_argument("--soar-steps", type=int, default=30,
-                    help="outer steps T of the SOAR and Intrinsic-T runs (the quick start's `python soar.py` runs 5)")
+                    help="outer steps T of the SOAR and Intrinsic-T runs (the quick start's `python soar.py` runs 3)")
     ap.add_argument("--soar-args", default="", metavar="FLAGS",
                     help='extra soar.py flags for the SOAR runs, e.g. "--r 3" (saved in each run\'s config.json, so a '
                          "resumed run keeps them); use another --root for such a variant")

@@ -1,0 +1,155 @@
+"""
+python -m experiments.sweep -- the toy lab's pre-registered sweep: does the grounded teacher learn at
+the paper's design? (experiments/README.md, "The sweep, pre-registered", states the comparison, its
+test and its size; this file runs exactly that.) Run from the repository root:
+
+    python -m experiments.sweep --dry                 # every unit, in order, with its command
+    python -m experiments.sweep --only soar-seed1 grounded-value-seed1    # some units (names as --dry prints)
+    python -m experiments.sweep                       # every unit not done yet, then the report
+    python -m experiments.sweep --report --out experiments/results/sweep  # the report from what is done
+
+Units, each done once its result file exists (so a stopped sweep continues; a stopped soar.py run
+continues from its checkpoint):
+  base-t-value            Base-T (the untrained model) read by experiments.teacher_value, K = 64;
+  soar-seedS              SOAR, the toy preset for 30 outer steps, the teacher kept every 5 steps;
+  grounded-value-seedS    its final teacher (Grounded-T) read by the same instrument, K = 32;
+  grounded-t-seedS[-studentJ], base-t-seedS[-studentJ]
+                          the protocol's teacher evaluation: 3 fresh base students per teacher and
+                          seed, each with its own seed (experiments.toy_table's seeds: S, S + 1000 J);
+  and on seed 0 only: nopromo-seed0 (SOAR without promotion, the paper's baseline), intrinsic-seed0
+  (the learnability reward), and the teacher-value curves: every snapshot of the three runs, K = 16.
+
+The instrument is soar.py's toy inner loop on the *base* student (n 16, S 20, lr 1e-4, r 1), scored
+on D_test (toy/hard-large/test.jsonl): a teacher's value is its datasets' mean greedy gain there. The
+report's primary number is the mean over seeds of (Grounded-T's value - Base-T's value), with a 95%
+interval from a two-level bootstrap: the seeds resampled, then each teacher's datasets (Base-T's
+too). The secondary, the protocol's pass@32 Grounded-T - Base-T, goes through experiments.report
+(its bootstrap over seeds, students and test problems).
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+from experiments.toy_table import student_seed
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+SEEDS, STUDENTS, STEPS, EVERY = (0, 1, 2, 3), 3, 30, 5
+K_BASE, K_GROUNDED, K_CURVE = 64, 32, 16
+
+
+def units(root, seeds=SEEDS):
+    """[(name, file whose existence means done, command)] in the order the sweep runs them."""
+    r = lambda *p: os.path.join(root, *p)  # noqa: E731
+    value = [PY, "-m", "experiments.teacher_value"]
+    soar = lambda s, name, *extra: (name, r(name, "pq.jsonl"), [  # noqa: E731
+        PY, "soar.py", "--seed", str(s), "--steps", str(STEPS), "--teacher-snapshots", str(EVERY), *extra, "--out", r(name)])
+    out = [("base-t-value", r("value", "base-t", "result.json"),
+            value + ["--teacher", "toy/model", "--k", str(K_BASE), "--out", r("value", "base-t")])]
+    for s in seeds:  # the primary comparison first, seed by seed
+        out.append(soar(s, f"soar-seed{s}"))
+        out.append((f"grounded-value-seed{s}", r("value", f"grounded-seed{s}", "result.json"),
+                    value + ["--teacher", r(f"soar-seed{s}", "teacher"), "--k", str(K_GROUNDED),
+                             "--out", r("value", f"grounded-seed{s}")]))
+    for s in seeds:  # then the protocol's fresh students
+        for j in range(STUDENTS):
+            for method, teacher in (("grounded-t", [r(f"soar-seed{s}", "teacher"), "--base", "toy/model"]),
+                                    ("base-t", ["toy/model"])):
+                name = f"{method}-seed{s}" + (f"-student{j}" if j else "")
+                out.append((name, r(name, "result.json"), [PY, "-m", "experiments.protocol", "teacher", "--teacher",
+                            *teacher, "--seed", str(student_seed(s, j)), "--out", r(name)]))
+    if 0 in seeds:  # the teacher-value curves, on seed 0
+        out.append(soar(0, "nopromo-seed0", "--no-promotion"))
+        out.append(soar(0, "intrinsic-seed0", "--reward", "learnability"))
+        for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0"):
+            out.append((f"curve-{run}", r(run, "teacher_value", f"step{STEPS:03d}.json"),
+                        value + ["--run", r(run), "--k", str(K_CURVE)]))
+    return out
+
+
+def two_level(grounded, base, boots=10_000, seed=0):
+    """Mean over seeds of (mean of a seed's Grounded-T gains - mean of Base-T's gains), and its 95%
+    interval: each replicate draws the seeds with replacement, then every drawn teacher's datasets
+    (and Base-T's) with replacement. grounded: {seed: [gains]}; base: [gains]."""
+    rng = random.Random(seed)
+    m = statistics.fmean
+    point = m([m(g) for g in grounded.values()]) - m(base)
+    seeds, reps = list(grounded), []
+    for _ in range(boots):
+        drawn = [grounded[rng.choice(seeds)] for _ in seeds]
+        reps.append(m([m(rng.choices(g, k=len(g))) for g in drawn]) - m(rng.choices(base, k=len(base))))
+    reps.sort()
+    return dict(diff=point, lo=reps[int(0.025 * boots)], hi=reps[int(0.975 * boots) - 1], seeds=len(seeds))
+
+
+def report(root, out):
+    """The primary comparison (and per seed) into OUT/sweep.json, the curve figure, and experiments.report
+    for the protocol's rows; prints what it found."""
+    os.makedirs(out, exist_ok=True)
+    read = lambda p: json.load(open(p)) if os.path.exists(p) else None  # noqa: E731
+    base = read(os.path.join(root, "value", "base-t", "result.json"))
+    grounded = {s: read(os.path.join(root, "value", f"grounded-seed{s}", "result.json")) for s in SEEDS}
+    grounded = {s: g for s, g in grounded.items() if g}
+    found = dict(base_t=base and {k: base[k] for k in ("value", "ci", "k", "answer_acc") if k in base},
+                 grounded_t={s: {k: g[k] for k in ("value", "ci", "k", "answer_acc") if k in g} for s, g in grounded.items()})
+    if base and grounded:
+        found["primary"] = two_level({s: g["gains"] for s, g in grounded.items()}, base["gains"])
+        found["per_seed"] = {s: two_level({s: g["gains"]}, base["gains"]) for s, g in grounded.items()}
+        p = found["primary"]
+        print(f"Grounded-T - Base-T, teacher value (points of D_test, {p['seeds']} seeds): "
+              f"{100 * p['diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]")
+    curves = [os.path.join(root, run, "teacher_value") for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0")]
+    curves = [c for c in curves if os.path.isdir(c) and any(f.startswith("step") for f in os.listdir(c))]
+    if curves:
+        subprocess.run([PY, "-m", "experiments.teacher_value", "--plot", *curves, "--out",
+                        os.path.join(out, "teacher_value.png")], check=True, cwd=HERE)
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(found, f, indent=1)
+    if any(os.path.exists(os.path.join(root, f"{m}-seed{s}", "result.json")) for m in ("grounded-t", "base-t") for s in SEEDS):
+        subprocess.run([PY, "-m", "experiments.report", "--root", root, "--out", out], check=True, cwd=HERE)
+    return found
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.path.join("runs", "sweep"), help="where every run and result goes")
+    ap.add_argument("--only", nargs="+", metavar="UNIT", help="run these units only (names as --dry prints them)")
+    ap.add_argument("--dry", action="store_true", help="print the units and their commands; run nothing")
+    ap.add_argument("--report", action="store_true", help="only write the report from the units done")
+    ap.add_argument("--out", help="the report's directory (default: ROOT/report)")
+    a = ap.parse_args(argv)
+    os.chdir(HERE)  # soar.py and toy/model are named from the repository root
+    todo = units(a.root)
+    names = [n for n, _, _ in todo]
+    for n in a.only or []:
+        if n not in names:
+            ap.error(f"--only {n}: no such unit (python -m experiments.sweep --dry lists them)")
+    t0 = time.time()
+    for name, done, cmd in ([] if a.report else todo):
+        if (a.only and name not in a.only) or (os.path.exists(done) and not a.dry):
+            continue
+        run_dir = cmd[cmd.index("--out") + 1] if cmd[1] == "soar.py" else None
+        if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
+            cmd = [PY, "soar.py", "--resume", run_dir, "--steps", str(STEPS)]  # a stopped run continues
+        shown = " ".join("python" if c == PY else c for c in cmd)
+        print(f"{name}{' (done)' if os.path.exists(done) else ''}: {shown}", flush=True)
+        if a.dry:
+            continue
+        os.makedirs(a.root, exist_ok=True)
+        log = os.path.join(a.root, name + ".log")
+        with open(log, "a") as f:
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode != 0:
+                sys.exit(f"failed: {' '.join(cmd)} (see {log})")
+        print(f"  done, {time.time() - t0:.0f}s so far", flush=True)
+    if not a.dry:
+        report(a.root, a.out or os.path.join(a.root, "report"))
+
+
+if __name__ == "__main__":
+    main()
