@@ -2102,6 +2102,22 @@ def test_sweep_primary_two_level_by_hand():
     assert all(c[c.index("--steps") + 1] == "30" for n, _, c in todo if c[1] == "soar.py")
 
 
+def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
+    """experiments.sweep.report: the primary from the value files alone, and the power restated with
+    the measured spreads: SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K (by hand below)."""
+    from experiments.sweep import report
+
+    for name, gains in (("base-t", [0.0, 0.02, 0.01, 0.03]), ("grounded-seed0", [0.02, 0.04]), ("grounded-seed1", [0.0, 0.01])):
+        os.makedirs(tmp_path / "value" / name)
+        json.dump(dict(value=sum(gains) / len(gains), ci=[0, 0], k=len(gains), gains=gains),
+                  open(tmp_path / "value" / name / "result.json", "w"))
+    found = report(str(tmp_path), str(tmp_path / "report"))
+    assert found["primary"]["diff"] == pytest.approx((0.03 + 0.005) / 2 - 0.015)
+    # the seeds' values 0.03 and 0.005: sample variance 2 * 0.0125^2 = 0.0003125; Base-T's gains: 0.0005 / 3
+    assert found["power"]["se"] == pytest.approx((0.0003125 / 2 + (0.0005 / 3) / 4) ** 0.5)
+    assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * found["power"]["se"])
+
+
 def test_signal_anova_by_hand():
     from experiments.reward_signal import anova
 

@@ -100,7 +100,15 @@ def report(root, out):
     if base and grounded:
         found["primary"] = two_level({s: g["gains"] for s, g in grounded.items()}, base["gains"])
         found["per_seed"] = {s: two_level({s: g["gains"]}, base["gains"]) for s, g in grounded.items()}
+        # the power restated with what was measured (the pre-registration used SD 2.05, sigma_b 0 to 2):
+        # SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K_BASE; 80% power at 2.8 SE
+        sd_d, vals = statistics.stdev(base["gains"]), [g["value"] for g in grounded.values()]
+        se = (statistics.variance(vals) / len(vals) if len(vals) > 1 else 0.0) + sd_d ** 2 / len(base["gains"])
+        found["power"] = dict(dataset_sd=sd_d, seed_sd=statistics.stdev(vals) if len(vals) > 1 else None,
+                              se=se ** 0.5, mde80=2.8 * se ** 0.5)
         p = found["primary"]
+        print(f"instrument: per-dataset SD {100 * sd_d:.2f} points (Base-T); SE of D {100 * se ** 0.5:.2f}, "
+              f"80% power for {100 * 2.8 * se ** 0.5:.2f} points" + ("" if len(vals) > 1 else " (one seed: no seed spread yet)"))
         print(f"Grounded-T - Base-T, teacher value (points of D_test, {p['seeds']} seeds): "
               f"{100 * p['diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]")
     curves = [os.path.join(root, run, "teacher_value") for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0")]
