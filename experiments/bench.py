@@ -269,10 +269,12 @@ def old_checkout():
 
 def same_as_old():
     """soar.py flags that give today's code the old commit's toy preset: its hard set (L = 9-10, from its
-    worktree), student learning rate 1e-4 and M = 32; everything else in the preset is unchanged since."""
+    worktree), student learning rate 1e-4, M = 32, r = 1, tau 0.01 and its teacher (lr 1e-4, warmup 2,
+    KL 0.001), where today's preset carries the paper's design; everything else is unchanged since."""
     hard = os.path.join(old_checkout(), "toy", "hard")
     return ["--hard-train", os.path.join(hard, "train.jsonl"), "--hard-test", os.path.join(hard, "test.jsonl"),
-            "--student-lr", "1e-4", "--m", "32"]
+            "--student-lr", "1e-4", "--m", "32", "--r", "1", "--tau", "0.01",
+            "--teacher-lr", "1e-4", "--teacher-warmup", "2", "--teacher-kl", "0.001"]
 
 
 # ----------------------------------------------------------------------------- 5. vLLM
