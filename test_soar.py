@@ -2116,6 +2116,9 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     # the seeds' values 0.03 and 0.005: sample variance 2 * 0.0125^2 = 0.0003125; Base-T's gains: 0.0005 / 3
     assert found["power"]["se"] == pytest.approx((0.0003125 / 2 + (0.0005 / 3) / 4) ** 0.5)
     assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * found["power"]["se"])
+    # the report copies its inputs beside it: the committed copies give the same report again
+    again = report(str(tmp_path / "report"), str(tmp_path / "again"))
+    assert again["primary"] == found["primary"] and again["power"] == found["power"]
 
 
 def test_signal_anova_by_hand():

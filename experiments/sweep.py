@@ -7,6 +7,7 @@ test and its size; this file runs exactly that.) Run from the repository root:
     python -m experiments.sweep --only soar-seed1 grounded-value-seed1    # some units (names as --dry prints)
     python -m experiments.sweep                       # every unit not done yet, then the report
     python -m experiments.sweep --report --out experiments/results/sweep  # the report from what is done
+    python -m experiments.sweep --report --root experiments/results/sweep --out /tmp/again  # ... from the committed copies
 
 Units, each done once its result file exists (so a stopped sweep continues; a stopped soar.py run
 continues from its checkpoint):
@@ -87,10 +88,29 @@ def two_level(grounded, base, boots=10_000, seed=0):
     return dict(diff=point, lo=reps[int(0.025 * boots)], hi=reps[int(0.975 * boots) - 1], seeds=len(seeds))
 
 
+def collect(root, out):
+    """Copy the report's inputs, all small, from ROOT into OUT under the same names, so that
+    `--report --root OUT --out OUT` recomputes the report from the committed files alone: the
+    instrument's value files, the runs' metrics and teacher-value curves, the protocol's result.json
+    and evaluation questions."""
+    import glob
+    import shutil
+    keep = [os.path.join("value", "*", "result.json"), os.path.join("*-seed*", "metrics.jsonl"),
+            os.path.join("*-seed*", "config.json"), os.path.join("*-seed*", "teacher_value", "step*.json"),
+            os.path.join("*-seed*", "result.json"), os.path.join("*-seed*", "questions.jsonl")]
+    for pattern in keep:
+        for path in glob.glob(os.path.join(root, pattern)):
+            dest = os.path.join(out, os.path.relpath(path, root))
+            if os.path.abspath(dest) != os.path.abspath(path):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(path, dest)
+
+
 def report(root, out):
     """The primary comparison (and per seed) into OUT/sweep.json, the curve figure, and experiments.report
-    for the protocol's rows; prints what it found."""
+    for the protocol's rows; prints what it found. The inputs are copied into OUT first (collect)."""
     os.makedirs(out, exist_ok=True)
+    collect(root, out)
     read = lambda p: json.load(open(p)) if os.path.exists(p) else None  # noqa: E731
     base = read(os.path.join(root, "value", "base-t", "result.json"))
     grounded = {s: read(os.path.join(root, "value", f"grounded-seed{s}", "result.json")) for s in SEEDS}
