@@ -28,9 +28,11 @@ too). The secondary, the protocol's pass@32 Grounded-T - Base-T, goes through ex
 (its bootstrap over seeds, students and test problems).
 """
 import argparse
+import glob
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,8 +95,6 @@ def collect(root, out):
     `--report --root OUT --out OUT` recomputes the report from the committed files alone: the
     instrument's value files, the runs' metrics and teacher-value curves, the protocol's result.json
     and evaluation questions."""
-    import glob
-    import shutil
     keep = [os.path.join("value", "*", "result.json"), os.path.join("*-seed*", "metrics.jsonl"),
             os.path.join("*-seed*", "config.json"), os.path.join("*-seed*", "teacher_value", "step*.json"),
             os.path.join("*-seed*", "result.json"), os.path.join("*-seed*", "questions.jsonl")]
