@@ -1095,6 +1095,13 @@ def test_teacher_snapshots_and_their_value(toy_misses, tmp_path):
     tv.main(["--run", str(run), "--k", "2", "--test", toy_misses])
     assert (run / "teacher_value" / "step001.json").stat().st_mtime_ns == before
     assert tv.mean_ci([1.0, 1.0, 1.0]) == (1.0, 1.0, 1.0)
+    # --draws: the final teacher and its last snapshot are one teacher, so they share every question
+    # under the instrument's draws; two snapshots an update apart differ in their weights
+    cfg = json.load(open(run / "config.json"))
+    same = tv.draws_overlap([run / "teachers" / "step002", run / "teacher"], cfg, 2)
+    assert same["shared"] == same["questions"] == 2 * cfg["n"] and same["max_weight_diff"] == 0.0
+    apart = tv.draws_overlap([run / "teachers" / "step001", run / "teachers" / "step002"], cfg, 2)
+    assert apart["max_weight_diff"] > 0 and 0 <= apart["shared"] <= apart["questions"]
     import importlib.util
 
     if importlib.util.find_spec("matplotlib"):  # the figure: teacher value against outer step (CI has it)

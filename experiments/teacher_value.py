@@ -6,6 +6,7 @@ with one fixed instrument, so that teachers (and one teacher's snapshots along a
     python soar.py --teacher-snapshots 5 --out runs/x            # a run that keeps its teacher every 5 steps
     python -m experiments.teacher_value --run runs/x             # step 0 (its base teacher) and every snapshot
     python -m experiments.teacher_value --plot runs/x/teacher_value runs/y/teacher_value --out runs/tv.png
+    python -m experiments.teacher_value --draws runs/x/teachers/step025 runs/x/teachers/step030 --k 16
 
 The instrument: from the teacher, K datasets of n valid questions (the run's sampling, seeded by
 --seed alone, so two teachers are read with the same draws); for each dataset, a fresh copy of the
@@ -14,7 +15,10 @@ r = 1); the dataset's value is that student's greedy accuracy on D_test minus th
 The teacher's value is the mean over the K datasets, with a 95% percentile-bootstrap interval over
 them. It measures a teacher, not a run: the student is always the base one, never a promoted one,
 and nothing here changes the teacher. D_test is what it is scored on, so no setting is ever chosen
-by it (choose them on probes that score D_train).
+by it (choose them on probes that score D_train). Because the draws are common to all teachers,
+two teachers that barely differ write nearly the same datasets and read nearly the same: --draws
+says how many of the K·n questions two teachers share under the instrument's draws, and by how
+much their weights differ at most.
 
 Defaults are the toy preset's inner loop (S = 20, n = 16, lr 1e-4, 8 questions x 8 samples per step),
 or the measured run's (--run). Each teacher's result goes to OUT/step{NNN}.json (with --teacher:
@@ -71,6 +75,26 @@ def teacher_value(teacher_path, cfg, test, k, seed=0, workers=0):
                 seed=seed, rejection_rate=st["rejection_rate"], **extra)
 
 
+def draws_overlap(paths, cfg, k, seed=0):
+    """How alike two teachers are as the instrument sees them: the questions they share, position
+    by position, under the instrument's draws (teacher_value's seeding), and the largest absolute
+    difference between their weights."""
+    tok, qs, params = load_tokenizer(cfg["model"]), [], []
+    for path in paths:
+        torch.manual_seed(seed)
+        teacher = load_model(str(path))
+        datasets, _ = sample_teacher_datasets(teacher, tok, k, cfg["n"], cfg["style"], cfg["temperature"],
+                                              cfg["top_p"], cfg["teacher_max_new_tokens"], cfg["sample_batch"],
+                                              cfg["max_teacher_rounds"])
+        qs.append([(q, a) for data in datasets for _, q, a in data])
+        params.append(dict(teacher.named_parameters()))
+    a, b = params
+    with torch.no_grad():
+        dw = max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+    shared = sum(x == y for x, y in zip(*qs))
+    return dict(teachers=[str(p) for p in paths], shared=shared, questions=len(qs[0]), max_weight_diff=dw, k=k, seed=seed)
+
+
 def snapshots(run):
     """[(step, teacher path)] of a soar.py run: step 0 its base model, then each teachers/stepNNN/."""
     with open(os.path.join(run, "config.json")) as f:
@@ -88,6 +112,8 @@ def main(argv=None):
                                    "snapshot, with the run's own inner loop")
     src.add_argument("--plot", nargs="+", metavar="DIR", help="draw the value per step of each DIR of results "
                                                               "(RUN/teacher_value) into --out (a .png)")
+    src.add_argument("--draws", nargs=2, metavar="TEACHER", help="the questions two teachers share under the "
+                                                                 "instrument's draws, and their largest weight difference")
     ap.add_argument("--k", type=int, default=16, help="datasets (and fresh students) per teacher")
     ap.add_argument("--test", help="D_test (default: the run's hard_test, else the toy preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draws and of the students")
@@ -106,6 +132,10 @@ def main(argv=None):
             run = os.path.dirname(os.path.normpath(d))  # RUN/teacher_value: labelled by its run
             curves[os.path.basename(run) or d] = [(r["step"], r["value"], *r["ci"]) for r in rows]
         print(teacher_value_plot(curves, a.out or os.path.join("runs", "teacher_value.png")))
+        return
+    if a.draws:
+        cfg = dict(PRESETS["toy"], style=model_style(a.draws[0]) or "toy")
+        print(json.dumps(draws_overlap(a.draws, cfg, a.k, a.seed)))
         return
     if a.run:
         cfg, todo = snapshots(a.run)
