@@ -2111,18 +2111,30 @@ def test_sweep_primary_two_level_by_hand():
 
 def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     """experiments.sweep.report: the primary from the value files alone, and the power restated with
-    the measured spreads: SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K (by hand below)."""
+    the measured spreads: SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K now, with one seed
+    the seed's own datasets' variance; and at the planned 4 seeds with sigma_b measured (by hand below)."""
     from experiments.sweep import report
 
-    for name, gains in (("base-t", [0.0, 0.02, 0.01, 0.03]), ("grounded-seed0", [0.02, 0.04]), ("grounded-seed1", [0.0, 0.01])):
+    def write(name, gains):
         os.makedirs(tmp_path / "value" / name)
         json.dump(dict(value=sum(gains) / len(gains), ci=[0, 0], k=len(gains), gains=gains),
                   open(tmp_path / "value" / name / "result.json", "w"))
+
+    write("base-t", [0.0, 0.02, 0.01, 0.03])  # variance 0.0005 / 3
+    write("grounded-seed0", [0.02, 0.04])     # variance 0.0002
+    one = report(str(tmp_path), str(tmp_path / "report"))["power"]  # one seed: its datasets alone, sigma_b 0
+    assert one["se"] == pytest.approx((0.0002 / 2 + (0.0005 / 3) / 4) ** 0.5) and one["seed_sd"] is None
+    assert one["se_planned"] == pytest.approx((0.0002 / 32 / 4 + (0.0005 / 3) / 64) ** 0.5)
+    write("grounded-seed1", [0.0, 0.01])      # variance 0.00005
     found = report(str(tmp_path), str(tmp_path / "report"))
     assert found["primary"]["diff"] == pytest.approx((0.03 + 0.005) / 2 - 0.015)
-    # the seeds' values 0.03 and 0.005: sample variance 2 * 0.0125^2 = 0.0003125; Base-T's gains: 0.0005 / 3
+    # the seeds' values 0.03 and 0.005: sample variance 2 * 0.0125^2 = 0.0003125, of which the datasets
+    # give (0.0002 / 2 + 0.00005 / 2) / 2 = 0.0000625, so sigma_b^2 = 0.00025; pooled gain variance 0.000125
     assert found["power"]["se"] == pytest.approx((0.0003125 / 2 + (0.0005 / 3) / 4) ** 0.5)
-    assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * found["power"]["se"])
+    assert found["power"]["seed_sd"] == pytest.approx(0.00025 ** 0.5)
+    planned = ((0.00025 + 0.000125 / 32) / 4 + (0.0005 / 3) / 64) ** 0.5
+    assert found["power"]["se_planned"] == pytest.approx(planned)
+    assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * planned)
     # the report copies its inputs beside it: the committed copies give the same report again
     again = report(str(tmp_path / "report"), str(tmp_path / "again"))
     assert again["primary"] == found["primary"] and again["power"] == found["power"]

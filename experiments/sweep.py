@@ -120,15 +120,24 @@ def report(root, out):
     if base and grounded:
         found["primary"] = two_level({s: g["gains"] for s, g in grounded.items()}, base["gains"])
         found["per_seed"] = {s: two_level({s: g["gains"]}, base["gains"]) for s, g in grounded.items()}
-        # the power restated with what was measured (the pre-registration used SD 2.05, sigma_b 0 to 2):
-        # SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K_BASE; 80% power at 2.8 SE
-        sd_d, vals = statistics.stdev(base["gains"]), [g["value"] for g in grounded.values()]
-        se = (statistics.variance(vals) / len(vals) if len(vals) > 1 else 0.0) + sd_d ** 2 / len(base["gains"])
-        found["power"] = dict(dataset_sd=sd_d, seed_sd=statistics.stdev(vals) if len(vals) > 1 else None,
-                              se=se ** 0.5, mde80=2.8 * se ** 0.5)
+        # the power restated with what was measured (the pre-registration used SD 2.05, sigma_b 0 to 2).
+        # Now: SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K_base; with one seed, the seed's
+        # value varies by its own datasets only, var(its gains) / K. At the planned four seeds:
+        # ((sigma_b^2 + var_g / K_GROUNDED) / 4 + var(Base-T gains) / K_BASE), where var_g pools the seeds'
+        # gain variances and sigma_b^2 = var(seed values) - what the datasets alone give (0 until two seeds).
+        var_d, vals = statistics.variance(base["gains"]), [g["value"] for g in grounded.values()]
+        within = [statistics.variance(g["gains"]) / len(g["gains"]) for g in grounded.values()]
+        var_g = statistics.fmean(statistics.variance(g["gains"]) for g in grounded.values())
+        many = len(vals) > 1
+        se = ((statistics.variance(vals) / len(vals) if many else within[0]) + var_d / len(base["gains"])) ** 0.5
+        var_b = max(0.0, statistics.variance(vals) - statistics.fmean(within)) if many else None
+        planned = (((var_b or 0.0) + var_g / K_GROUNDED) / len(SEEDS) + var_d / K_BASE) ** 0.5
+        found["power"] = dict(dataset_sd=var_d ** 0.5, grounded_sd=var_g ** 0.5, seed_sd=var_b and var_b ** 0.5,
+                              se=se, mde80_now=2.8 * se, se_planned=planned, mde80=2.8 * planned)
         p = found["primary"]
-        print(f"instrument: per-dataset SD {100 * sd_d:.2f} points (Base-T); SE of D {100 * se ** 0.5:.2f}, "
-              f"80% power for {100 * 2.8 * se ** 0.5:.2f} points" + ("" if len(vals) > 1 else " (one seed: no seed spread yet)"))
+        print(f"instrument: per-dataset SD {100 * var_d ** 0.5:.2f} points (Base-T), {100 * var_g ** 0.5:.2f} "
+              f"(Grounded-T); SE of D now {100 * se:.2f}; at {len(SEEDS)} seeds {100 * planned:.2f}, 80% power for "
+              f"{100 * 2.8 * planned:.2f} points" + ("" if many else " (one seed: sigma_b taken as 0)"))
         print(f"Grounded-T - Base-T, teacher value (points of D_test, {p['seeds']} seeds): "
               f"{100 * p['diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]")
     curves = [os.path.join(root, run, "teacher_value") for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0")]
