@@ -48,13 +48,18 @@ def mean_ci(xs, reps=10_000, seed=0):
     return statistics.fmean(xs), means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
+def draws(teacher, tok, cfg, k):
+    """The instrument's K datasets from a teacher (soar.py's rejection sampling with the run's settings)."""
+    return sample_teacher_datasets(teacher, tok, k, cfg["n"], cfg["style"], cfg["temperature"], cfg["top_p"],
+                                   cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"])
+
+
 def teacher_value(teacher_path, cfg, test, k, seed=0, workers=0):
     """One teacher's value (see the module docstring) as a dict; cfg: a soar.py config."""
     torch.manual_seed(seed)
     tok, teacher = load_tokenizer(cfg["model"]), load_model(teacher_path)
     style = cfg["style"]
-    datasets, st = sample_teacher_datasets(teacher, tok, k, cfg["n"], style, cfg["temperature"], cfg["top_p"],
-                                           cfg["teacher_max_new_tokens"], cfg["sample_batch"], cfg["max_teacher_rounds"])
+    datasets, st = draws(teacher, tok, cfg, k)
     del teacher
     student = load_model(cfg["model"])
     base_acc = greedy_accuracy(student, tok, test, style, cfg["student_max_new_tokens"])
@@ -83,9 +88,7 @@ def draws_overlap(paths, cfg, k, seed=0):
     for path in paths:
         torch.manual_seed(seed)
         teacher = load_model(str(path))
-        datasets, _ = sample_teacher_datasets(teacher, tok, k, cfg["n"], cfg["style"], cfg["temperature"],
-                                              cfg["top_p"], cfg["teacher_max_new_tokens"], cfg["sample_batch"],
-                                              cfg["max_teacher_rounds"])
+        datasets, _ = draws(teacher, tok, cfg, k)
         qs.append([(q, a) for data in datasets for _, q, a in data])
         params.append(dict(teacher.named_parameters()))
     a, b = params
