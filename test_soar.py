@@ -2135,9 +2135,26 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     planned = ((0.00025 + 0.000125 / 32) / 4 + (0.0005 / 3) / 64) ** 0.5
     assert found["power"]["se_planned"] == pytest.approx(planned)
     assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * planned)
+    # what each SOAR run did, from its metrics rows alone (the 90% floor is soar.py's warning)
+    os.makedirs(tmp_path / "soar-seed0")
+    rows = [dict(step=0, reward_mean=0.01, reward_ma=None, teacher_kl=0.0, teacher_answer_acc=0.95, difficulty=[9, 7, 8, 10]),
+            dict(step=1, reward_mean=0.03, reward_ma=0.06, teacher_kl=0.004, teacher_answer_acc=0.85,
+                 difficulty=[1, 1, 1, 9], promoted=dict(dataset=0)),
+            dict(step=2, reward_mean=-0.01, reward_ma=0.02, teacher_kl=0.002, teacher_answer_acc=0.9,
+                 difficulty=[8, 8, 8, 9], promoted=None)]
+    with open(tmp_path / "soar-seed0" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    found = report(str(tmp_path), str(tmp_path / "report"))
+    run = found["runs"]["soar-seed0"]
+    assert run["promoted_at"] == [1] and run["ma_peak"] == 0.06 and run["kl_max"] == 0.004
+    assert run["reward_mean"] == pytest.approx(0.01) and run["below_floor"] == [1]  # 0.9 is not below 90%
+    assert run["answer_acc_min"] == 0.85 and run["hard_share_thirds"] == [0.5, 0.25, 1.0]
+    md = open(tmp_path / "report" / "sweep.md").read()
+    assert "| soar-seed0 | 3 | 1 | 0.0100 | 0.0600 | 0.0040 | 0.900 (0.850) | 1 | 0.500, 0.250, 1.000 |" in md
+    assert "| 1 | 0.50 [0.00, 0.00] |" in md  # seed 1's value, % of D_test
     # the report copies its inputs beside it: the committed copies give the same report again
     again = report(str(tmp_path / "report"), str(tmp_path / "again"))
-    assert again["primary"] == found["primary"] and again["power"] == found["power"]
+    assert again["primary"] == found["primary"] and again["power"] == found["power"] and again["runs"] == found["runs"]
 
 
 def test_signal_anova_by_hand():

@@ -25,7 +25,9 @@ on D_test (toy/hard-large/test.jsonl): a teacher's value is its datasets' mean g
 report's primary number is the mean over seeds of (Grounded-T's value - Base-T's value), with a 95%
 interval from a two-level bootstrap: the seeds resampled, then each teacher's datasets (Base-T's
 too). The secondary, the protocol's pass@32 Grounded-T - Base-T, goes through experiments.report
-(its bootstrap over seeds, students and test problems).
+(its bootstrap over seeds, students and test problems). The report writes sweep.json and sweep.md:
+the primary per seed, the power as measured, and per SOAR run its promotions, the teacher's KL to
+its base and answer key (the steps below soar.py's 90% floor named), and its share of hard questions.
 """
 import argparse
 import glob
@@ -106,6 +108,53 @@ def collect(root, out):
                 shutil.copyfile(path, dest)
 
 
+def run_facts(rows, floor):
+    """What one SOAR run did, from its metrics rows: when it promoted, the peak of the reward's moving
+    average (what τ is compared with), the teacher's largest per-token KL to its base, its answer key
+    (mean, lowest, and the steps below FLOOR, soar.py's warning), and its share of questions at
+    L 8-9 (the hard set's rung and the one below) over each third of the run."""
+    col = lambda k: [r[k] for r in rows if r.get(k) is not None]  # noqa: E731
+    acc, ma, kl = col("teacher_answer_acc"), col("reward_ma"), col("teacher_kl")
+    share = [sum(d in (8, 9) for d in r["difficulty"]) / len(r["difficulty"]) for r in rows if r.get("difficulty")]
+    third = -(-len(share) // 3)
+    return dict(steps=len(rows), promoted_at=[r["step"] for r in rows if r.get("promoted")],
+                reward_mean=statistics.fmean(col("reward_mean")) if col("reward_mean") else None,
+                ma_peak=max(ma, default=None), kl_max=max(kl, default=None),
+                answer_acc_mean=statistics.fmean(acc) if acc else None, answer_acc_min=min(acc, default=None),
+                below_floor=[r["step"] for r in rows if r.get("teacher_answer_acc", 1.0) < floor],
+                hard_share_thirds=[statistics.fmean(share[i:i + third]) for i in range(0, len(share), third)])
+
+
+def markdown(found, floor):
+    """sweep.md: the primary and its seeds, the power as measured, and what each run did."""
+    pts = lambda d: f"{100 * d['diff']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]"  # noqa: E731
+    lines = ["# The sweep's report (python -m experiments.sweep --report)", ""]
+    if "primary" in found:
+        pw = found["power"]
+        lines += [f"Primary, Grounded-T - Base-T teacher value, points of D_test ({found['primary']['seeds']} "
+                  f"of {len(SEEDS)} seeds): **{pts(found['primary'])}**", "",
+                  "| seed | Grounded-T value, % [95% CI] | answers right | - Base-T, points [95% CI] |", "|---|---|---|---|"]
+        for s, g in found["grounded_t"].items():
+            lines.append(f"| {s} | {100 * g['value']:.2f} [{100 * g['ci'][0]:.2f}, {100 * g['ci'][1]:.2f}] | "
+                         f"{100 * g.get('answer_acc', float('nan')):.1f}% | {pts(found['per_seed'][s])} |")
+        b = found["base_t"]
+        lines += ["", f"Base-T: {100 * b['value']:.2f}% [{100 * b['ci'][0]:.2f}, {100 * b['ci'][1]:.2f}], K = {b['k']}. "
+                  f"Power: per-dataset SD {100 * pw['dataset_sd']:.2f} points (Base-T), {100 * pw['grounded_sd']:.2f} "
+                  f"(Grounded-T); SE of D {100 * pw['se']:.2f} now, {100 * pw['se_planned']:.2f} at {len(SEEDS)} seeds "
+                  f"(80% power for {100 * pw['mde80']:.2f} points)", ""]
+    if found.get("runs"):
+        lines += [f"| run | steps | promoted at | mean R̂ | MA peak | KL max | answers right, mean (lowest) | "
+                  f"below {floor:.0%} at | L 8-9 share by thirds |", "|---|---|---|---|---|---|---|---|---|"]
+        f = lambda x, n=4: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
+        for name, r in found["runs"].items():
+            lines.append(f"| {name} | {r['steps']} | {', '.join(map(str, r['promoted_at'])) or 'never'} | "
+                         f"{f(r['reward_mean'])} | {f(r['ma_peak'])} | {f(r['kl_max'])} | "
+                         f"{f(r['answer_acc_mean'], 3)} ({f(r['answer_acc_min'], 3)}) | "
+                         f"{', '.join(map(str, r['below_floor'])) or 'never'} | "
+                         f"{', '.join(f(x, 3) for x in r['hard_share_thirds'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def report(root, out):
     """The primary comparison (and per seed) into OUT/sweep.json, the curve figure, and experiments.report
     for the protocol's rows; prints what it found. The inputs are copied into OUT first (collect)."""
@@ -145,8 +194,14 @@ def report(root, out):
     if curves:
         subprocess.run([PY, "-m", "experiments.teacher_value", "--plot", *curves, "--out",
                         os.path.join(out, "teacher_value.png")], check=True, cwd=HERE)
+    from soar import TEACHER_ANSWER_FLOOR as floor  # soar.py's warning, so that the two cannot part
+    runs = sorted(glob.glob(os.path.join(root, "*-seed*", "metrics.jsonl")))
+    found["runs"] = {os.path.basename(os.path.dirname(p)): run_facts([json.loads(x) for x in open(p)], floor)
+                     for p in runs}
     with open(os.path.join(out, "sweep.json"), "w") as f:
         json.dump(found, f, indent=1)
+    with open(os.path.join(out, "sweep.md"), "w") as f:
+        f.write(markdown(found, floor))
     if any(os.path.exists(os.path.join(root, f"{m}-seed{s}", "result.json")) for m in ("grounded-t", "base-t") for s in SEEDS):
         subprocess.run([PY, "-m", "experiments.report", "--root", root, "--out", out], check=True, cwd=HERE)
     return found
