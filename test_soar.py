@@ -2144,7 +2144,10 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
                  difficulty=[8, 8, 8, 9], promoted=None)]
     with open(tmp_path / "soar-seed0" / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.makedirs(tmp_path / "soar-seed1")
+    open(tmp_path / "soar-seed1" / "metrics.jsonl", "w").close()  # a run just started
     found = report(str(tmp_path), str(tmp_path / "report"))
+    assert found["runs"]["soar-seed1"]["steps"] == 0 and found["runs"]["soar-seed1"]["hard_share_thirds"] == []
     run = found["runs"]["soar-seed0"]
     assert run["promoted_at"] == [1] and run["ma_peak"] == 0.06 and run["kl_max"] == 0.004
     assert run["reward_mean"] == pytest.approx(0.01) and run["below_floor"] == [1]  # 0.9 is not below 90%

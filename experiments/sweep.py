@@ -116,7 +116,7 @@ def run_facts(rows, floor):
     col = lambda k: [r[k] for r in rows if r.get(k) is not None]  # noqa: E731
     acc, ma, kl = col("teacher_answer_acc"), col("reward_ma"), col("teacher_kl")
     share = [sum(d in (8, 9) for d in r["difficulty"]) / len(r["difficulty"]) for r in rows if r.get("difficulty")]
-    third = -(-len(share) // 3)
+    third = max(1, -(-len(share) // 3))  # a run just started has no rows yet
     return dict(steps=len(rows), promoted_at=[r["step"] for r in rows if r.get("promoted")],
                 reward_mean=statistics.fmean(col("reward_mean")) if col("reward_mean") else None,
                 ma_peak=max(ma, default=None), kl_max=max(kl, default=None),
