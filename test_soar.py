@@ -2137,11 +2137,12 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * planned)
     # what each SOAR run did, from its metrics rows alone (the 90% floor is soar.py's warning)
     os.makedirs(tmp_path / "soar-seed0")
-    rows = [dict(step=0, reward_mean=0.01, reward_ma=None, teacher_kl=0.0, teacher_answer_acc=0.95, difficulty=[9, 7, 8, 10]),
+    rows = [dict(step=0, reward_mean=0.01, reward_ma=None, teacher_kl=0.0, teacher_answer_acc=0.95, difficulty=[9, 7, 8, 10],
+                 rewards=[0.1, 0.0]),
             dict(step=1, reward_mean=0.03, reward_ma=0.06, teacher_kl=0.004, teacher_answer_acc=0.85,
-                 difficulty=[1, 1, 1, 9], promoted=dict(dataset=0)),
+                 difficulty=[1, 1, 1, 9], rewards=[0.0, 0.2], promoted=dict(dataset=0)),
             dict(step=2, reward_mean=-0.01, reward_ma=0.02, teacher_kl=0.002, teacher_answer_acc=0.9,
-                 difficulty=[8, 8, 8, 9], promoted=None)]
+                 difficulty=[8, 8, 8, 9], rewards=[0.05, 0.05], promoted=None)]
     with open(tmp_path / "soar-seed0" / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.makedirs(tmp_path / "soar-seed1")
@@ -2152,8 +2153,11 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     assert run["promoted_at"] == [1] and run["ma_peak"] == 0.06 and run["kl_max"] == 0.004
     assert run["reward_mean"] == pytest.approx(0.01) and run["below_floor"] == [1]  # 0.9 is not below 90%
     assert run["answer_acc_min"] == 0.85 and run["hard_share_thirds"] == [0.5, 0.25, 1.0]
+    # two datasets of two questions a step. L 8-9 shares, centred in the step: (0, 0), (-.25, +.25), (0, 0);
+    # RLOO advantages: (+.1, -.1), (-.2, +.2), (0, 0); correlation .1 / sqrt(.125 x .1)
+    assert run["hard_signal"] == pytest.approx(0.1 / (0.125 * 0.1) ** 0.5)
     md = open(tmp_path / "report" / "sweep.md").read()
-    assert "| soar-seed0 | 3 | 1 | 0.0100 | 0.0600 | 0.0040 | 0.900 (0.850) | 1 | 0.500, 0.250, 1.000 |" in md
+    assert "| soar-seed0 | 3 | 1 | 0.0100 | 0.0600 | 0.0040 | 0.900 (0.850) | 1 | 0.500, 0.250, 1.000 | 0.89 |" in md
     assert "| 1 | 0.50 [0.00, 0.00] |" in md  # seed 1's value, % of D_test
     # the report copies its inputs beside it: the committed copies give the same report again
     again = report(str(tmp_path / "report"), str(tmp_path / "again"))

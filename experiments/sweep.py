@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 
+from experiments.report import pooled_signal
 from experiments.toy_table import student_seed
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,17 +113,26 @@ def run_facts(rows, floor):
     """What one SOAR run did, from its metrics rows: when it promoted, the peak of the reward's moving
     average (what τ is compared with), the teacher's largest per-token KL to its base, its answer key
     (mean, lowest, and the steps below FLOOR, soar.py's warning), and its share of questions at
-    L 8-9 (the hard set's rung and the one below) over each third of the run."""
+    L 8-9 (the hard set's rung and the one below) over each third of the run; and how far its reward
+    points at that share: the correlation, pooled over steps, of a dataset's RLOO advantage with its
+    share (experiments.report.pooled_signal; 0: the update ignores it)."""
     col = lambda k: [r[k] for r in rows if r.get(k) is not None]  # noqa: E731
     acc, ma, kl = col("teacher_answer_acc"), col("reward_ma"), col("teacher_kl")
     share = [sum(d in (8, 9) for d in r["difficulty"]) / len(r["difficulty"]) for r in rows if r.get("difficulty")]
     third = max(1, -(-len(share) // 3))  # a run just started has no rows yet
+    per_dataset = []  # (each dataset's share of L 8-9 questions, each dataset's R_k), step by step
+    for r in rows:
+        d, rw = r.get("difficulty"), r.get("rewards")
+        if d and rw:
+            n = len(d) // len(rw)  # the step's questions, dataset after dataset
+            per_dataset.append(([sum(x in (8, 9) for x in d[k * n:(k + 1) * n]) / n for k in range(len(rw))], rw))
     return dict(steps=len(rows), promoted_at=[r["step"] for r in rows if r.get("promoted")],
                 reward_mean=statistics.fmean(col("reward_mean")) if col("reward_mean") else None,
                 ma_peak=max(ma, default=None), kl_max=max(kl, default=None),
                 answer_acc_mean=statistics.fmean(acc) if acc else None, answer_acc_min=min(acc, default=None),
                 below_floor=[r["step"] for r in rows if r.get("teacher_answer_acc", 1.0) < floor],
-                hard_share_thirds=[statistics.fmean(share[i:i + third]) for i in range(0, len(share), third)])
+                hard_share_thirds=[statistics.fmean(share[i:i + third]) for i in range(0, len(share), third)],
+                hard_signal=pooled_signal(per_dataset))
 
 
 def markdown(found, floor):
@@ -144,14 +154,14 @@ def markdown(found, floor):
                   f"(80% power for {100 * pw['mde80']:.2f} points)", ""]
     if found.get("runs"):
         lines += [f"| run | steps | promoted at | mean R̂ | MA peak | KL max | answers right, mean (lowest) | "
-                  f"below {floor:.0%} at | L 8-9 share by thirds |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"below {floor:.0%} at | L 8-9 share by thirds | advantage ~ L 8-9 share |", "|---|---|---|---|---|---|---|---|---|---|"]
         f = lambda x, n=4: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
         for name, r in found["runs"].items():
             lines.append(f"| {name} | {r['steps']} | {', '.join(map(str, r['promoted_at'])) or 'never'} | "
                          f"{f(r['reward_mean'])} | {f(r['ma_peak'])} | {f(r['kl_max'])} | "
                          f"{f(r['answer_acc_mean'], 3)} ({f(r['answer_acc_min'], 3)}) | "
                          f"{', '.join(map(str, r['below_floor'])) or 'never'} | "
-                         f"{', '.join(f(x, 3) for x in r['hard_share_thirds'])} |")
+                         f"{', '.join(f(x, 3) for x in r['hard_share_thirds'])} | {f(r['hard_signal'], 2)} |")
     return "\n".join(lines) + "\n"
 
 
