@@ -2113,6 +2113,8 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     """experiments.sweep.report: the primary from the value files alone, and the power restated with
     the measured spreads: SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K now, with one seed
     the seed's own datasets' variance; and at the planned 4 seeds with sigma_b measured (by hand below)."""
+    import importlib.util
+
     from experiments.sweep import report
 
     def write(name, gains):
@@ -2135,6 +2137,8 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     planned = ((0.00025 + 0.000125 / 32) / 4 + (0.0005 / 3) / 64) ** 0.5
     assert found["power"]["se_planned"] == pytest.approx(planned)
     assert json.load(open(tmp_path / "report" / "sweep.json"))["power"]["mde80"] == pytest.approx(2.8 * planned)
+    if importlib.util.find_spec("matplotlib"):  # the figure: both seeds' final teachers beside Base-T's band
+        assert os.path.getsize(tmp_path / "report" / "teacher_value.png") > 0
     # what each SOAR run did, from its metrics rows alone (the 90% floor is soar.py's warning)
     os.makedirs(tmp_path / "soar-seed0")
     rows = [dict(step=0, reward_mean=0.01, reward_ma=None, teacher_kl=0.0, teacher_answer_acc=0.95, difficulty=[9, 7, 8, 10],

@@ -34,9 +34,11 @@ def difficulty_shares(rows, top=10):
     return out
 
 
-def teacher_value_plot(curves, path):
+def teacher_value_plot(curves, path, finals=None, band=None):
     """curves: {label: [(step, value, low, high)]}, values as fractions of D_test: one line per run with
-    its 95% intervals, the teacher's value against outer step (step 0: its base teacher)."""
+    its 95% intervals, the teacher's value against outer step (step 0: its base teacher). finals:
+    {label: (step, value, low, high)}, single readings drawn as squares beside that step (the sweep's
+    final teachers); band: (label, value, low, high), a reference drawn across (Base-T's interval)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,8 +49,16 @@ def teacher_value_plot(curves, path):
         pts = sorted(pts)
         xs = [p[0] + 0.15 * (i - (len(curves) - 1) / 2) for p in pts]  # side by side where steps coincide
         ys = [100 * p[1] for p in pts]
-        err = [[100 * (p[1] - p[2]) for p in pts], [100 * (p[3] - p[1]) for p in pts]]
+        # max(0, ...): an interval that misses its point (hand-made inputs) draws no bar rather than failing
+        err = [[max(0, 100 * (p[1] - p[2])) for p in pts], [max(0, 100 * (p[3] - p[1])) for p in pts]]
         ax.errorbar(xs, ys, yerr=err, fmt="o-", ms=4, capsize=3, label=label)
+    for j, (label, (x, v, lo, hi)) in enumerate(sorted((finals or {}).items())):
+        ax.errorbar([x + 0.6 + 0.35 * j], [100 * v], yerr=[[max(0, 100 * (v - lo))], [max(0, 100 * (hi - v))]], fmt="s", ms=4,
+                    capsize=3, label=label)
+    if band:
+        label, v, lo, hi = band
+        ax.axhspan(100 * lo, 100 * hi, color="gray", alpha=0.15, lw=0, label=label)
+        ax.axhline(100 * v, color="gray", ls="--", lw=0.8)
     ax.axhline(0, color="gray", lw=0.5)
     ax.set(xlabel="outer step (0: the base teacher)", ylabel="teacher value: D_test gain, %")
     ax.set_title("a teacher's datasets, each training a fresh base student (95% intervals)", fontsize=9)

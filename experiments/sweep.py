@@ -31,6 +31,7 @@ its base and answer key (the steps below soar.py's 90% floor named), and its sha
 """
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import random
@@ -199,11 +200,19 @@ def report(root, out):
               f"{100 * 2.8 * planned:.2f} points" + ("" if many else " (one seed: sigma_b taken as 0)"))
         print(f"Grounded-T - Base-T, teacher value (points of D_test, {p['seeds']} seeds): "
               f"{100 * p['diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]")
-    curves = [os.path.join(root, run, "teacher_value") for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0")]
-    curves = [c for c in curves if os.path.isdir(c) and any(f.startswith("step") for f in os.listdir(c))]
-    if curves:
-        subprocess.run([PY, "-m", "experiments.teacher_value", "--plot", *curves, "--out",
-                        os.path.join(out, "teacher_value.png")], check=True, cwd=HERE)
+    curves = {}  # the figure: seed 0's snapshots per reward (K_CURVE), each seed's final teacher, Base-T's band
+    for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0"):
+        steps = sorted(glob.glob(os.path.join(root, run, "teacher_value", "step*.json")))
+        if steps:
+            curves[f"{run}, K = {K_CURVE}"] = [(r["step"], r["value"], *r["ci"]) for r in map(read, steps)]
+    finals = {f"Grounded-T seed {s}, K = {g['k']}": (STEPS, g["value"], *g["ci"]) for s, g in grounded.items()}
+    if (curves or finals) and not importlib.util.find_spec("matplotlib"):
+        print("teacher_value.png not drawn: matplotlib is not installed (pip install matplotlib)")
+    elif curves or finals:
+        from experiments.plots import teacher_value_plot
+
+        band = base and (f"Base-T, K = {base['k']}", base["value"], *base["ci"])
+        print(teacher_value_plot(curves, os.path.join(out, "teacher_value.png"), finals, band))
     from soar import TEACHER_ANSWER_FLOOR as floor  # soar.py's warning, so that the two cannot part
     runs = sorted(glob.glob(os.path.join(root, "*-seed*", "metrics.jsonl")))
     found["runs"] = {os.path.basename(os.path.dirname(p)): run_facts([json.loads(x) for x in open(p)], floor)
