@@ -2106,6 +2106,7 @@ def test_sweep_primary_two_level_by_hand():
     assert len(set(names)) == len(names) and names[0] == "base-t-value"
     cmd = dict((n, c) for n, _, c in todo)
     assert cmd["grounded-t-seed2-student1"][cmd["grounded-t-seed2-student1"].index("--seed") + 1] == "1002"
+    assert cmd["base-seed3"][2:5] == ["experiments.protocol", "passk", "--model"] and "3" in cmd["base-seed3"]
     assert all(c[c.index("--steps") + 1] == "30" for n, _, c in todo if c[1] == "soar.py")
 
 

@@ -14,6 +14,8 @@ continues from its checkpoint):
   base-t-value            Base-T (the untrained model) read by experiments.teacher_value, K = 64;
   soar-seedS              SOAR, the toy preset for 30 outer steps, the teacher kept every 5 steps;
   grounded-value-seedS    its final teacher (Grounded-T) read by the same instrument, K = 32;
+  base-seedS              the base model's pass@k on D_test, sampled with seed S (a run "broke through"
+                          when its pass@32 is above it);
   grounded-t-seedS[-studentJ], base-t-seedS[-studentJ]
                           the protocol's teacher evaluation: 3 fresh base students per teacher and
                           seed, each with its own seed (experiments.toy_table's seeds: S, S + 1000 J);
@@ -63,8 +65,10 @@ def units(root, seeds=SEEDS):
         out.append((f"grounded-value-seed{s}", r("value", f"grounded-seed{s}", "result.json"),
                     value + ["--teacher", r(f"soar-seed{s}", "teacher"), "--k", str(K_GROUNDED),
                              "--out", r("value", f"grounded-seed{s}")]))
-    for s in seeds:  # then the protocol's fresh students
-        for j in range(STUDENTS):
+    for s in seeds:  # then the protocol: the base model's pass@k (what "broke through" is measured against)
+        out.append((f"base-seed{s}", r(f"base-seed{s}", "result.json"), [PY, "-m", "experiments.protocol", "passk",
+                    "--model", "toy/model", "--seed", str(s), "--out", r(f"base-seed{s}")]))
+        for j in range(STUDENTS):  # and the fresh students
             for method, teacher in (("grounded-t", [r(f"soar-seed{s}", "teacher"), "--base", "toy/model"]),
                                     ("base-t", ["toy/model"])):
                 name = f"{method}-seed{s}" + (f"-student{j}" if j else "")
