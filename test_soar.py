@@ -1091,6 +1091,21 @@ def test_teacher_snapshots_and_their_value(toy_misses, tmp_path):
         assert r["ci"][0] <= r["value"] <= r["ci"][1] and r["base_acc"] == 0.0  # toy_misses: the base gets none
         assert all((x * n_test) == pytest.approx(round(x * n_test)) for x in r["gains"]) and 0 <= r["answer_acc"] <= 1
     assert res[0]["teacher"] == json.load(open(run / "config.json"))["model"]
+    assert all(len(r["hard_share"]) == 2 and all(0 <= x <= 1 for x in r["hard_share"]) for r in res)
+    # --shares redraws an older file's datasets (the run's settings, the instrument's seeding) and adds
+    # the same shares; a file whose draws do not come out the same (here its answer key altered) is left as it was
+    path, kept = run / "teacher_value" / "step001.json", res[1]["hard_share"]
+    for answer_acc, ok in ((res[1]["answer_acc"], True), (res[1]["answer_acc"] - 0.5, False)):
+        old = {k: v for k, v in res[1].items() if k != "hard_share"}
+        json.dump(dict(old, answer_acc=answer_acc), open(path, "w"))
+        if ok:
+            tv.main(["--shares", str(path)])
+            assert json.load(open(path))["hard_share"] == kept
+        else:
+            with pytest.raises(SystemExit, match="step001.json: its teacher's draws came out different"):
+                tv.main(["--shares", str(path)])
+            assert "hard_share" not in json.load(open(path))
+    json.dump(res[1], open(path, "w"))
     before = (run / "teacher_value" / "step001.json").stat().st_mtime_ns
     tv.main(["--run", str(run), "--k", "2", "--test", toy_misses])
     assert (run / "teacher_value" / "step001.json").stat().st_mtime_ns == before
@@ -2167,6 +2182,28 @@ def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     # the report copies its inputs beside it: the committed copies give the same report again
     again = report(str(tmp_path / "report"), str(tmp_path / "again"))
     assert again["primary"] == found["primary"] and again["power"] == found["power"] and again["runs"] == found["runs"]
+
+
+def test_sweep_share_slope_by_hand(tmp_path):
+    """experiments.sweep.share_slope: gain on L 8-9 share within each teacher. Base-T's two datasets at
+    shares 0 and .5 gained 0 and .1 (centred: x -.25, +.25; y -.05, +.05: sxy .025, sxx .125); Grounded-T's
+    at .9 and 1.0 both gained .5 (sxy 0, sxx .005): slope .025 / .13. Its higher share and gain, teacher
+    against teacher, do not enter (pooled without the teachers' means it would be 0.55)."""
+    from experiments.sweep import report, share_slope
+
+    fit = share_slope({"base-t": ([0.0, 0.5], [0.0, 0.1]), "g": ([0.9, 1.0], [0.5, 0.5])}, boots=200)
+    assert fit["slope"] == pytest.approx(0.025 / 0.13) and fit["datasets"] == 4
+    assert share_slope({"a": ([0.5, 0.5], [0.0, 0.1])}) is None  # no share varies: no slope
+    # pooled over teachers: a second teacher with the opposite slope (-0.2) cancels it
+    assert share_slope({"a": ([0.0, 0.5], [0.0, 0.1]), "b": ([0.0, 0.5], [0.1, 0.0])})["slope"] == pytest.approx(0.0)
+    for name, shares, gains in (("base-t", [0.0, 0.5], [0.0, 0.1]), ("grounded-seed0", [0.5, 0.5], [0.1, 0.2])):
+        os.makedirs(tmp_path / "value" / name)
+        json.dump(dict(value=sum(gains) / 2, ci=[0, 0.2], k=2, gains=gains, hard_share=shares),
+                  open(tmp_path / "value" / name / "result.json", "w"))
+    h = report(str(tmp_path), str(tmp_path / "out"))["hardness"]
+    # Grounded-T's share .5 against Base-T's .25: at slope 0.2, a predicted difference of +0.05
+    assert h["share"] == {"base-t": 0.25, "grounded-seed0": 0.5} and h["predicted_diff"] == pytest.approx(0.05)
+    assert "predict Grounded-T - Base-T = +5.00 points (1 seeds)" in open(tmp_path / "out" / "sweep.md").read()
 
 
 def test_signal_anova_by_hand():

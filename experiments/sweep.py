@@ -114,6 +114,35 @@ def collect(root, out):
                 shutil.copyfile(path, dest)
 
 
+def share_slope(teachers, boots=2000, seed=0):
+    """How a dataset's gain goes with its share of L 8-9 questions, within a teacher: the slope of gain on
+    share with each teacher's own means taken out (so teachers' differences do not make it), pooled over
+    the teachers' datasets, and its 95% interval resampling each teacher's datasets. teachers:
+    {label: (shares, gains)}. None where no teacher's shares vary."""
+    def slope(pairs):
+        sxy = sxx = 0.0
+        for xs, ys in pairs:
+            mx, my = statistics.fmean(xs), statistics.fmean(ys)
+            sxy += sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+            sxx += sum((x - mx) ** 2 for x in xs)
+        return sxy / sxx if sxx else None
+
+    pairs, rng = list(teachers.values()), random.Random(seed)
+    point = slope(pairs)
+    if point is None:
+        return None
+    reps = []
+    for _ in range(boots):
+        drawn = []
+        for xs, ys in pairs:
+            idx = [rng.randrange(len(xs)) for _ in xs]
+            drawn.append(([xs[i] for i in idx], [ys[i] for i in idx]))
+        reps.append(slope(drawn) or 0.0)
+    reps.sort()
+    return dict(slope=point, lo=reps[int(0.025 * boots)], hi=reps[int(0.975 * boots) - 1],
+                datasets=sum(len(xs) for xs, _ in pairs))
+
+
 def run_facts(rows, floor):
     """What one SOAR run did, from its metrics rows: when it promoted, the peak of the reward's moving
     average (what τ is compared with), the teacher's largest per-token KL to its base, its answer key
@@ -157,6 +186,15 @@ def markdown(found, floor):
                   f"Power: per-dataset SD {100 * pw['dataset_sd']:.2f} points (Base-T), {100 * pw['grounded_sd']:.2f} "
                   f"(Grounded-T); SE of D {100 * pw['se']:.2f} now, {100 * pw['se_planned']:.2f} at {len(SEEDS)} seeds "
                   f"(80% power for {100 * pw['mde80']:.2f} points)", ""]
+    h = found.get("hardness")
+    if h and h["fit"]:
+        fit = h["fit"]
+        lines += [f"Within a teacher, a dataset with 0.1 more of its questions at L 8-9 gained "
+                  f"{10 * fit['slope']:+.2f} points of D_test [{10 * fit['lo']:+.2f}, {10 * fit['hi']:+.2f}] "
+                  f"({fit['datasets']} datasets). Share of L 8-9 questions in the instrument's draws: " +
+                  ", ".join(f"{n} {x:.3f}" for n, x in h["share"].items()) +
+                  f"; at that slope the shares' differences predict Grounded-T - Base-T = "
+                  f"{100 * h['predicted_diff']:+.2f} points ({h['seeds']} seeds).", ""]
     if found.get("runs"):
         lines += [f"| run | steps | promoted at | mean R̂ | MA peak | KL max | answers right, mean (lowest) | "
                   f"below {floor:.0%} at | L 8-9 share by thirds | advantage ~ L 8-9 share |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -204,6 +242,15 @@ def report(root, out):
               f"{100 * 2.8 * planned:.2f} points" + ("" if many else " (one seed: sigma_b taken as 0)"))
         print(f"Grounded-T - Base-T, teacher value (points of D_test, {p['seeds']} seeds): "
               f"{100 * p['diff']:+.2f} [{100 * p['lo']:+.2f}, {100 * p['hi']:+.2f}]")
+    # is the teacher's gain where its hard questions are? (toy value files keep each dataset's L 8-9 share)
+    have = {"base-t": base, **{f"grounded-seed{s}": g for s, g in grounded.items()}}
+    have = {n: r for n, r in have.items() if r and "hard_share" in r}
+    if "base-t" in have and len(have) > 1:
+        fit = share_slope({n: (r["hard_share"], r["gains"]) for n, r in have.items()})
+        share = {n: statistics.fmean(r["hard_share"]) for n, r in have.items()}
+        seeds = [n for n in have if n != "base-t"]
+        found["hardness"] = dict(share=share, fit=fit, predicted_diff=fit and statistics.fmean(
+            fit["slope"] * (share[n] - share["base-t"]) for n in seeds), seeds=len(seeds))
     curves = {}  # the figure: seed 0's snapshots per reward (K_CURVE), each seed's final teacher, Base-T's band
     for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0"):
         steps = sorted(glob.glob(os.path.join(root, run, "teacher_value", "step*.json")))

@@ -7,6 +7,7 @@ with one fixed instrument, so that teachers (and one teacher's snapshots along a
     python -m experiments.teacher_value --run runs/x             # step 0 (its base teacher) and every snapshot
     python -m experiments.teacher_value --plot runs/x/teacher_value runs/y/teacher_value --out runs/tv.png
     python -m experiments.teacher_value --draws runs/x/teachers/step025 runs/x/teachers/step030 --k 16
+    python -m experiments.teacher_value --shares runs/x/teacher_value/step*.json   # add L 8-9 shares to old files
 
 The instrument: from the teacher, K datasets of n valid questions (the run's sampling, seeded by
 --seed alone, so two teachers are read with the same draws); for each dataset, a fresh copy of the
@@ -71,13 +72,45 @@ def teacher_value(teacher_path, cfg, test, k, seed=0, workers=0):
                                   progress=True, workers=workers, threads=cfg["threads"])
     gains = [res.reward for res in results]
     mean, low, high = mean_ci(gains, seed=seed)
-    extra = {}
-    if style == "toy":  # the answer key, checked by the toy world's solver
-        from toy.task import answer_key_accuracy
-
-        extra["answer_acc"] = answer_key_accuracy([(q, a) for data in datasets for _, q, a in data])
+    extra = toy_facts(datasets) if style == "toy" else {}
     return dict(teacher=teacher_path, value=mean, ci=[low, high], gains=gains, base_acc=base_acc, k=k,
                 seed=seed, rejection_rate=st["rejection_rate"], **extra)
+
+
+def toy_facts(datasets):
+    """On the toy world: the share of the datasets' answers that are right (the solver's), and each
+    dataset's share of questions at L 8-9 (the hard set's rung and the one below), so that a gain can be
+    set against how hard the questions that earned it were."""
+    from toy.task import answer_key_accuracy, difficulty
+
+    return dict(answer_acc=answer_key_accuracy([(q, a) for data in datasets for _, q, a in data]),
+                hard_share=[sum(difficulty(q) in (8, 9) for _, q, _ in data) / len(data) for data in datasets])
+
+
+def add_shares(path):
+    """A toy result file written before toy_facts kept hard_share: draw its teacher's datasets again
+    with the instrument's seeding and add each dataset's share of L 8-9 questions. The draws must be the
+    measured ones: the answer key recomputed from them has to equal the one in the file."""
+    res = json.load(open(path))
+    here = os.path.dirname(os.path.abspath(path))
+    run_cfg = os.path.join(os.path.dirname(here), "config.json")
+    if os.path.basename(here) == "teacher_value" and os.path.exists(run_cfg):
+        cfg = json.load(open(run_cfg))  # a snapshot read with --run: the run's own settings
+    else:
+        cfg = dict(PRESETS["toy"], style=model_style(res["teacher"]) or "toy")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(res["seed"])  # as teacher_value seeds it, before the same two loads
+    tok, teacher = load_tokenizer(cfg["model"]), load_model(res["teacher"])
+    facts = toy_facts(draws(teacher, tok, cfg, res["k"])[0])
+    if abs(facts["answer_acc"] - res["answer_acc"]) > 1e-12:
+        raise SystemExit(f"{path}: its teacher's draws came out different this time (answer key "
+                         f"{facts['answer_acc']:.4f}, the file's {res['answer_acc']:.4f}: another CPU type?); nothing written")
+    res["hard_share"] = facts["hard_share"]
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return res
 
 
 def draws_overlap(paths, cfg, k, seed=0):
@@ -117,6 +150,8 @@ def main(argv=None):
                                                               "(RUN/teacher_value) into --out (a .png)")
     src.add_argument("--draws", nargs=2, metavar="TEACHER", help="the questions two teachers share under the "
                                                                  "instrument's draws, and their largest weight difference")
+    src.add_argument("--shares", nargs="+", metavar="RESULT", help="add each dataset's share of L 8-9 questions "
+                                                                   "to toy result files that lack it (redrawn, checked)")
     ap.add_argument("--k", type=int, default=16, help="datasets (and fresh students) per teacher")
     ap.add_argument("--test", help="D_test (default: the run's hard_test, else the toy preset's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the teacher's draws and of the students")
@@ -135,6 +170,12 @@ def main(argv=None):
             run = os.path.dirname(os.path.normpath(d))  # RUN/teacher_value: labelled by its run
             curves[os.path.basename(run) or d] = [(r["step"], r["value"], *r["ci"]) for r in rows]
         print(teacher_value_plot(curves, a.out or os.path.join("runs", "teacher_value.png")))
+        return
+    if a.shares:
+        for path in a.shares:
+            if "hard_share" not in json.load(open(path)):
+                res = add_shares(path)
+                print(f"{path}: mean share of L 8-9 questions {statistics.fmean(res['hard_share']):.3f}", flush=True)
         return
     if a.draws:
         cfg = dict(PRESETS["toy"], style=model_style(a.draws[0]) or "toy")
