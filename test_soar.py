@@ -2200,7 +2200,13 @@ def test_sweep_share_slope_by_hand(tmp_path):
         os.makedirs(tmp_path / "value" / name)
         json.dump(dict(value=sum(gains) / 2, ci=[0, 0.2], k=2, gains=gains, hard_share=shares),
                   open(tmp_path / "value" / name / "result.json", "w"))
+    os.makedirs(tmp_path / "soar-seed0" / "teacher_value")
+    for step, shares in ((0, [0.0, 0.5]), (5, [0.5, 0.5])):  # a curve: each snapshot's mean share in the table
+        json.dump(dict(step=step, value=0.01 * step, ci=[0, 0.1], gains=[0.0, 0.0], answer_acc=0.9, hard_share=shares),
+                  open(tmp_path / "soar-seed0" / "teacher_value" / f"step{step:03d}.json", "w"))
     h = report(str(tmp_path), str(tmp_path / "out"))["hardness"]
+    md = open(tmp_path / "out" / "sweep.md").read()
+    assert "| value, % | 0.00 | 5.00 |" in md and "| L 8-9 share | 0.250 | 0.500 |" in md
     # Grounded-T's share .5 against Base-T's .25: at slope 0.2, a predicted difference of +0.05
     assert h["share"] == {"base-t": 0.25, "grounded-seed0": 0.5} and h["predicted_diff"] == pytest.approx(0.05)
     assert "predict Grounded-T - Base-T = +5.00 points (1 seeds)" in open(tmp_path / "out" / "sweep.md").read()

@@ -195,6 +195,14 @@ def markdown(found, floor):
                   ", ".join(f"{n} {x:.3f}" for n, x in h["share"].items()) +
                   f"; at that slope the shares' differences predict Grounded-T - Base-T = "
                   f"{100 * h['predicted_diff']:+.2f} points ({h['seeds']} seeds).", ""]
+    for run, pts in found.get("curves", {}).items():
+        f = lambda x, n: "-" if x is None else f"{x:.{n}f}"  # noqa: E731
+        lines += [f"Teacher value along {run} (K = {K_CURVE} per snapshot; step 0 is its base teacher):", "",
+                  "| outer step | " + " | ".join(str(p["step"]) for p in pts) + " |", "|---|" + "---|" * len(pts),
+                  "| value, % | " + " | ".join(f"{100 * p['value']:.2f}" for p in pts) + " |",
+                  "| 95% CI | " + " | ".join(f"{100 * p['ci'][0]:.2f}-{100 * p['ci'][1]:.2f}" for p in pts) + " |",
+                  "| answers right | " + " | ".join(f(p["answer_acc"], 3) for p in pts) + " |",
+                  "| L 8-9 share | " + " | ".join(f(p["hard_share"], 3) for p in pts) + " |", ""]
     if found.get("runs"):
         lines += [f"| run | steps | promoted at | mean R̂ | MA peak | KL max | answers right, mean (lowest) | "
                   f"below {floor:.0%} at | L 8-9 share by thirds | advantage ~ L 8-9 share |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -255,7 +263,11 @@ def report(root, out):
     for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0"):
         steps = sorted(glob.glob(os.path.join(root, run, "teacher_value", "step*.json")))
         if steps:
-            curves[f"{run}, K = {K_CURVE}"] = [(r["step"], r["value"], *r["ci"]) for r in map(read, steps)]
+            rows = list(map(read, steps))
+            curves[f"{run}, K = {K_CURVE}"] = [(r["step"], r["value"], *r["ci"]) for r in rows]
+            found.setdefault("curves", {})[run] = [dict(step=r["step"], value=r["value"], ci=r["ci"],
+                                                        answer_acc=r.get("answer_acc"), hard_share=r.get("hard_share") and
+                                                        statistics.fmean(r["hard_share"])) for r in rows]
     finals = {f"Grounded-T seed {s}, K = {g['k']}": (STEPS, g["value"], *g["ci"]) for s, g in grounded.items()}
     if (curves or finals) and not importlib.util.find_spec("matplotlib"):
         print("teacher_value.png not drawn: matplotlib is not installed (pip install matplotlib)")
