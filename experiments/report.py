@@ -243,15 +243,22 @@ def pooled_signal(steps):
     return statistics.correlation(xs, ys)
 
 
-def hard_signal(rows, hard=7):
-    """pooled_signal of a run's metrics rows along the share of each dataset's questions at L >= hard."""
+def rung_shares(rows, lo, hi=None):
+    """Step by step, (each dataset's share of questions at rungs lo..hi, each dataset's R_k), from a run's
+    metrics rows (its questions lie dataset after dataset); hi None: no upper bound."""
+    inside = lambda x: x is not None and lo <= x and (hi is None or x <= hi)  # noqa: E731
     steps = []
     for r in rows:
         d, rw = r.get("difficulty"), r.get("rewards")
         if d and rw:
-            n = len(d) // len(rw)  # the step's questions, dataset after dataset
-            steps.append(([sum((x or 0) >= hard for x in d[k * n:(k + 1) * n]) / n for k in range(len(rw))], rw))
-    return pooled_signal(steps)
+            n = len(d) // len(rw)
+            steps.append(([sum(map(inside, d[k * n:(k + 1) * n])) / n for k in range(len(rw))], rw))
+    return steps
+
+
+def hard_signal(rows, hard=7):
+    """pooled_signal of a run's metrics rows along the share of each dataset's questions at L >= hard."""
+    return pooled_signal(rung_shares(rows, hard))
 
 
 def right_signal(path):

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 
-from experiments.report import pooled_signal
+from experiments.report import pooled_signal, rung_shares
 from experiments.toy_table import student_seed
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,19 +154,13 @@ def run_facts(rows, floor):
     acc, ma, kl = col("teacher_answer_acc"), col("reward_ma"), col("teacher_kl")
     share = [sum(d in (8, 9) for d in r["difficulty"]) / len(r["difficulty"]) for r in rows if r.get("difficulty")]
     third = max(1, -(-len(share) // 3))  # a run just started has no rows yet
-    per_dataset = []  # (each dataset's share of L 8-9 questions, each dataset's R_k), step by step
-    for r in rows:
-        d, rw = r.get("difficulty"), r.get("rewards")
-        if d and rw:
-            n = len(d) // len(rw)  # the step's questions, dataset after dataset
-            per_dataset.append(([sum(x in (8, 9) for x in d[k * n:(k + 1) * n]) / n for k in range(len(rw))], rw))
     return dict(steps=len(rows), promoted_at=[r["step"] for r in rows if r.get("promoted")],
                 reward_mean=statistics.fmean(col("reward_mean")) if col("reward_mean") else None,
                 ma_peak=max(ma, default=None), kl_max=max(kl, default=None),
                 answer_acc_mean=statistics.fmean(acc) if acc else None, answer_acc_min=min(acc, default=None),
                 below_floor=[r["step"] for r in rows if r.get("teacher_answer_acc", 1.0) < floor],
                 hard_share_thirds=[statistics.fmean(share[i:i + third]) for i in range(0, len(share), third)],
-                hard_signal=pooled_signal(per_dataset))
+                hard_signal=pooled_signal(rung_shares(rows, 8, 9)))
 
 
 def markdown(found, floor):
