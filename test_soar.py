@@ -2125,6 +2125,37 @@ def test_sweep_primary_two_level_by_hand():
     assert all(c[c.index("--steps") + 1] == "30" for n, _, c in todo if c[1] == "soar.py")
 
 
+def test_sweep_restores_committed_units(tmp_path):
+    """experiments.sweep.restore: a fresh checkout has no runs/, only the committed copies. A unit done
+    there is copied into the root with all its files and not run again; a run whose teacher is not kept
+    (no pq.jsonl) runs again; a curve run whose curve is not kept runs again too (its snapshots are not
+    committed). first_difference names the first step at which a rerun's metrics part from the kept."""
+    from experiments.sweep import first_difference, restore, units
+
+    root, keep = str(tmp_path / "runs"), tmp_path / "keep"
+    files = {"value/base-t/result.json": "{}", "value/grounded-seed0/result.json": "{}",
+             "soar-seed1/pq.jsonl": "", "soar-seed1/metrics.jsonl": "{}\n", "soar-seed1/teacher/model.safetensors": "w",
+             "soar-seed0/metrics.jsonl": "{}\n", "soar-seed0/teacher_value/step030.json": "{}",
+             "nopromo-seed0/pq.jsonl": "", "grounded-t-seed1/result.json": "{}", "grounded-t-seed1/questions.jsonl": ""}
+    for name, text in files.items():
+        (keep / name).parent.mkdir(parents=True, exist_ok=True)
+        (keep / name).write_text(text)
+    todo = units(root)
+    got = restore(root, str(keep), todo)
+    assert got == ["base-t-value", "grounded-value-seed0", "soar-seed1", "grounded-t-seed1", "curve-soar-seed0"]
+    for name in files:
+        # nopromo-seed0 runs again, soar-seed0 too (its curve's files are copied, its metrics are not)
+        assert os.path.exists(os.path.join(root, name)) == (name not in ("nopromo-seed0/pq.jsonl",
+                                                                         "soar-seed0/metrics.jsonl")), name
+    assert restore(root, str(keep), todo) == []  # done in the root now: nothing more to copy
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 2, "y": 0}\n')
+    b.write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 3, "y": 0}\n')
+    assert first_difference(str(a), str(a)) == (None, []) and first_difference(str(a), str(b)) == (1, ["x"])
+    b.write_text('{"step": 0, "x": 1}\n')
+    assert first_difference(str(a), str(b)) == (1, ["rows"])
+
+
 def test_sweep_report_restates_power_from_what_was_measured(tmp_path):
     """experiments.sweep.report: the primary from the value files alone, and the power restated with
     the measured spreads: SE(D)^2 = var(seed values) / seeds + var(Base-T gains) / K now, with one seed

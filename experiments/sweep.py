@@ -10,7 +10,8 @@ test and its size; this file runs exactly that.) Run from the repository root:
     python -m experiments.sweep --report --root experiments/results/sweep --out /tmp/again  # ... from the committed copies
 
 Units, each done once its result file exists (so a stopped sweep continues; a stopped soar.py run
-continues from its checkpoint):
+continues from its checkpoint; a unit whose result is committed under --keep is copied from there,
+not run again):
   base-t-value            Base-T (the untrained model) read by experiments.teacher_value, K = 64;
   soar-seedS              SOAR, the toy preset for 30 outer steps, the teacher kept every 5 steps;
   grounded-value-seedS    its final teacher (Grounded-T) read by the same instrument, K = 32;
@@ -47,6 +48,7 @@ from experiments.report import pooled_signal, rung_shares
 from experiments.toy_table import student_seed
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEEP = os.path.join("experiments", "results", "sweep")  # the committed copies (collect writes them)
 PY = sys.executable
 SEEDS, STUDENTS, STEPS, EVERY = (0, 1, 2, 3), 3, 30, 5
 K_BASE, K_GROUNDED, K_CURVE = 64, 32, 16
@@ -74,10 +76,11 @@ def units(root, seeds=SEEDS):
                 name = f"{method}-seed{s}" + (f"-student{j}" if j else "")
                 out.append((name, r(name, "result.json"), [PY, "-m", "experiments.protocol", "teacher", "--teacher",
                             *teacher, "--seed", str(student_seed(s, j)), "--out", r(name)]))
-    if 0 in seeds:  # the teacher-value curves, on seed 0
-        out.append(soar(0, "nopromo-seed0", "--no-promotion"))
-        out.append(soar(0, "intrinsic-seed0", "--reward", "learnability"))
-        for run in ("soar-seed0", "nopromo-seed0", "intrinsic-seed0"):
+    if 0 in seeds:  # the teacher-value curves, on seed 0, each read right after its run (its snapshots
+        for run, extra in (("soar-seed0", None), ("nopromo-seed0", ["--no-promotion"]),  # are not committed)
+                           ("intrinsic-seed0", ["--reward", "learnability"])):
+            if extra:
+                out.append(soar(0, run, *extra))
             out.append((f"curve-{run}", r(run, "teacher_value", f"step{STEPS:03d}.json"),
                         value + ["--run", r(run), "--k", str(K_CURVE)]))
     return out
@@ -105,13 +108,48 @@ def collect(root, out):
     and evaluation questions."""
     keep = [os.path.join("value", "*", "result.json"), os.path.join("*-seed*", "metrics.jsonl"),
             os.path.join("*-seed*", "config.json"), os.path.join("*-seed*", "teacher_value", "step*.json"),
-            os.path.join("*-seed*", "result.json"), os.path.join("*-seed*", "questions.jsonl")]
+            os.path.join("*-seed*", "result.json"), os.path.join("*-seed*", "questions.jsonl"),
+            # a finished run's mark and, for the primary's runs, the teacher the protocol reads (3.5 MB)
+            os.path.join("*-seed*", "pq.jsonl"), os.path.join("soar-seed*", "teacher", "*")]
     for pattern in keep:
         for path in glob.glob(os.path.join(root, pattern)):
             dest = os.path.join(out, os.path.relpath(path, root))
             if os.path.abspath(dest) != os.path.abspath(path):
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 shutil.copyfile(path, dest)
+
+
+def restore(root, keep, todo):
+    """Copy into ROOT every unit done in KEEP (its result file is there) but not in ROOT: all its
+    committed files, so that a fresh checkout continues the sweep instead of repeating it. A run whose
+    curve is not kept is left to run again, curve and all (its snapshots are not committed). Returns
+    the names copied."""
+    dones, got = {n: d for n, d, _ in todo}, []
+    kept = lambda p: os.path.join(keep, os.path.relpath(p, root))  # noqa: E731
+    for name, done, _ in todo:
+        if os.path.exists(done) or not os.path.exists(kept(done)):
+            continue
+        curve = dones.get(f"curve-{name}")
+        if curve and not os.path.exists(curve) and not os.path.exists(kept(curve)):
+            continue
+        for path in glob.glob(os.path.join(os.path.dirname(kept(done)), "**", "*"), recursive=True):
+            dest = os.path.join(root, os.path.relpath(path, keep))
+            if os.path.isfile(path) and not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(path, dest)
+        got.append(name)
+    return got
+
+
+def first_difference(a, b):
+    """The first outer step at which two metrics.jsonl files differ (None: every row the same), and
+    the keys that differ there: a rerun of a committed run on the same kind of CPU repeats it."""
+    rows = lambda p: [json.loads(x) for x in open(p)]  # noqa: E731
+    ra, rb = rows(a), rows(b)
+    for x, y in zip(ra, rb):
+        if x != y:
+            return x.get("step"), sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
+    return (None, []) if len(ra) == len(rb) else (min(len(ra), len(rb)), ["rows"])
 
 
 def share_slope(teachers, boots=2000, seed=0):
@@ -291,6 +329,8 @@ def main(argv=None):
     ap.add_argument("--dry", action="store_true", help="print the units and their commands; run nothing")
     ap.add_argument("--report", action="store_true", help="only write the report from the units done")
     ap.add_argument("--out", help="the report's directory (default: ROOT/report)")
+    ap.add_argument("--keep", default=KEEP, help="the committed copies: a unit done there is copied into ROOT, "
+                    "not run again (default: %(default)s)")
     a = ap.parse_args(argv)
     os.chdir(HERE)  # soar.py and toy/model are named from the repository root
     todo = units(a.root)
@@ -298,6 +338,10 @@ def main(argv=None):
     for n in a.only or []:
         if n not in names:
             ap.error(f"--only {n}: no such unit (python -m experiments.sweep --dry lists them)")
+    if not (a.dry or a.report) and os.path.isdir(a.keep) and os.path.abspath(a.keep) != os.path.abspath(a.root):
+        got = restore(a.root, a.keep, todo)
+        if got:
+            print(f"copied from {a.keep}, done there: {' '.join(got)}", flush=True)
     t0 = time.time()
     for name, done, cmd in ([] if a.report else todo):
         if (a.only and name not in a.only) or (os.path.exists(done) and not a.dry):
@@ -306,7 +350,9 @@ def main(argv=None):
         if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
             cmd = [PY, "soar.py", "--resume", run_dir, "--steps", str(STEPS)]  # a stopped run continues
         shown = " ".join("python" if c == PY else c for c in cmd)
-        print(f"{name}{' (done)' if os.path.exists(done) else ''}: {shown}", flush=True)
+        kept = os.path.exists(os.path.join(a.keep, os.path.relpath(done, a.root)))
+        print(f"{name}{' (done)' if os.path.exists(done) else ' (done in ' + a.keep + ')' if kept else ''}: {shown}",
+              flush=True)
         if a.dry:
             continue
         os.makedirs(a.root, exist_ok=True)
@@ -315,6 +361,11 @@ def main(argv=None):
             if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode != 0:
                 sys.exit(f"failed: {' '.join(cmd)} (see {log})")
         print(f"  done, {time.time() - t0:.0f}s so far", flush=True)
+        before = run_dir and os.path.join(a.keep, os.path.relpath(run_dir, a.root), "metrics.jsonl")
+        if before and os.path.exists(before):  # a committed run repeated: does it repeat exactly?
+            step, keys = first_difference(before, os.path.join(run_dir, "metrics.jsonl"))
+            print(f"  {'repeats ' + before + ' exactly' if step is None else f'differs from {before} at step {step}: ' + ', '.join(keys)}",
+                  flush=True)
     if not a.dry:
         report(a.root, a.out or os.path.join(a.root, "report"))
 
