@@ -2148,6 +2148,15 @@ def test_sweep_restores_committed_units(tmp_path):
         assert os.path.exists(os.path.join(root, name)) == (name not in ("nopromo-seed0/pq.jsonl",
                                                                          "soar-seed0/metrics.jsonl")), name
     assert restore(root, str(keep), todo) == []  # done in the root now: nothing more to copy
+    # a committed run being run again: its committed rows stay until the rerun has as many
+    from experiments.sweep import collect
+    os.makedirs(os.path.join(root, "soar-seed2"))
+    (keep / "soar-seed2").mkdir()
+    (keep / "soar-seed2" / "metrics.jsonl").write_text("{}\n{}\n")
+    for n, kept in ((1, 2), (3, 3)):
+        open(os.path.join(root, "soar-seed2", "metrics.jsonl"), "w").write("{}\n" * n)
+        collect(root, str(keep))
+        assert len(open(keep / "soar-seed2" / "metrics.jsonl").readlines()) == kept
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 2, "y": 0}\n')
     b.write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 3, "y": 0}\n')

@@ -105,7 +105,9 @@ def collect(root, out):
     """Copy the report's inputs, all small, from ROOT into OUT under the same names, so that
     `--report --root OUT --out OUT` recomputes the report from the committed files alone: the
     instrument's value files, the runs' metrics and teacher-value curves, the protocol's result.json
-    and evaluation questions."""
+    and evaluation questions. A run's metrics in OUT are not replaced by fewer rows (a committed run
+    being run again is read from its committed rows until the rerun has as many)."""
+    rows = lambda p: sum(1 for _ in open(p))  # noqa: E731
     keep = [os.path.join("value", "*", "result.json"), os.path.join("*-seed*", "metrics.jsonl"),
             os.path.join("*-seed*", "config.json"), os.path.join("*-seed*", "teacher_value", "step*.json"),
             os.path.join("*-seed*", "result.json"), os.path.join("*-seed*", "questions.jsonl"),
@@ -114,9 +116,11 @@ def collect(root, out):
     for pattern in keep:
         for path in glob.glob(os.path.join(root, pattern)):
             dest = os.path.join(out, os.path.relpath(path, root))
-            if os.path.abspath(dest) != os.path.abspath(path):
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                shutil.copyfile(path, dest)
+            if os.path.abspath(dest) == os.path.abspath(path) or (
+                    path.endswith("metrics.jsonl") and os.path.exists(dest) and rows(dest) > rows(path)):
+                continue
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.copyfile(path, dest)
 
 
 def restore(root, keep, todo):
@@ -309,7 +313,7 @@ def report(root, out):
         band = base and (f"Base-T, K = {base['k']}", base["value"], *base["ci"])
         print(teacher_value_plot(curves, os.path.join(out, "teacher_value.png"), finals, band))
     from soar import TEACHER_ANSWER_FLOOR as floor  # soar.py's warning, so that the two cannot part
-    runs = sorted(glob.glob(os.path.join(root, "*-seed*", "metrics.jsonl")))
+    runs = sorted(glob.glob(os.path.join(out, "*-seed*", "metrics.jsonl")))  # collect kept the longest
     found["runs"] = {os.path.basename(os.path.dirname(p)): run_facts([json.loads(x) for x in open(p)], floor)
                      for p in runs}
     with open(os.path.join(out, "sweep.json"), "w") as f:
@@ -338,7 +342,7 @@ def main(argv=None):
     for n in a.only or []:
         if n not in names:
             ap.error(f"--only {n}: no such unit (python -m experiments.sweep --dry lists them)")
-    if not (a.dry or a.report) and os.path.isdir(a.keep) and os.path.abspath(a.keep) != os.path.abspath(a.root):
+    if not a.dry and os.path.isdir(a.keep) and os.path.abspath(a.keep) != os.path.abspath(a.root):
         got = restore(a.root, a.keep, todo)
         if got:
             print(f"copied from {a.keep}, done there: {' '.join(got)}", flush=True)
