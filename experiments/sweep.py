@@ -368,8 +368,8 @@ def main(argv=None):
         before = run_dir and os.path.join(a.keep, os.path.relpath(run_dir, a.root), "metrics.jsonl")
         if before and os.path.exists(before):  # a committed run repeated: does it repeat exactly?
             step, keys = first_difference(before, os.path.join(run_dir, "metrics.jsonl"))
-            print(f"  {'repeats ' + before + ' exactly' if step is None else f'differs from {before} at step {step}: ' + ', '.join(keys)}",
-                  flush=True)
+            said = f"repeats {before} exactly" if step is None else f"differs from {before} at step {step}: {', '.join(keys)}"
+            print("  " + said, flush=True)
     if not a.dry:
         report(a.root, a.out or os.path.join(a.root, "report"))
 
